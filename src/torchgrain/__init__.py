@@ -1,0 +1,29 @@
+"""torchgrain: GRAIN (Group Aggregation via Min-Norm Objective) for PyTorch.
+
+Replace the mean over a mini-batch's samples with the min-norm convex combination of group
+gradients, so that no group's loss increases to first order::
+
+    grain = torchgrain.GRAIN(model, num_groups=8)
+    losses = criterion(model(x), y)      # (B,), reduction="none"
+    stats = grain.backward(losses)       # instead of losses.mean().backward()
+    optimizer.step()
+"""
+
+from torchgrain._errors import NonFiniteError
+from torchgrain._grain import GRAIN
+from torchgrain._stats import GrainStats
+from torchgrain.grouping import contiguous_groups, key_groups, random_groups
+from torchgrain.solvers import min_norm_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GRAIN",
+    "GrainStats",
+    "NonFiniteError",
+    "__version__",
+    "contiguous_groups",
+    "key_groups",
+    "min_norm_weights",
+    "random_groups",
+]

@@ -1,0 +1,332 @@
+"""GRAIN: wires grouping -> engine -> solver -> ``.grad`` and returns the step's stats."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from torchgrain._errors import NonFiniteError, describe, shorten
+from torchgrain._stats import GrainStats, compute_stats, skipped_stats
+from torchgrain.engines import ENGINES
+from torchgrain.grouping import contiguous_groups, key_groups, random_groups
+from torchgrain.solvers import solve
+
+Grouping = Literal["contiguous", "random", "key"]
+NonFinite = Literal["raise", "skip"]
+
+ParamsLike = nn.Module | Iterable[Tensor] | Iterable[tuple[str, Tensor]] | Iterable[dict[str, Any]]
+
+
+class GRAIN:
+    r"""Group Aggregation via Min-Norm Objective: a drop-in replacement for ``loss.backward()``.
+
+    For per-sample losses :math:`l_1..l_B` and a partition of the batch into groups
+    :math:`S_1..S_m`:
+
+    .. math::
+        \begin{aligned}
+        L_k &= \tfrac{1}{|S_k|} \textstyle\sum_{i \in S_k} l_i, \qquad g_k = \nabla_\theta L_k,
+            \qquad G_{kl} = \langle g_k, g_l \rangle \\
+        w^* &= \arg\min_{w \ge 0,\ \sum_k w_k = 1} w^\top G w, \qquad
+            d = \textstyle\sum_k w^*_k g_k \quad\text{is added to } \texttt{.grad}
+        \end{aligned}
+
+    so that :math:`\langle d, g_k \rangle \ge \|d\|^2 \ge 0` for every group: no group's loss
+    increases to first order. With one group, ``d`` is the mean gradient and GRAIN is plain
+    training. The optimizer then steps on ``.grad`` as usual.
+
+    Args:
+        model_or_params: an ``nn.Module`` (its parameters with ``requires_grad``), or an iterable
+            of parameters, of ``(name, parameter)`` pairs, or of optimizer-style param groups.
+        num_groups: m, the number of groups for the ``"contiguous"`` and ``"random"`` groupings
+            (and the id range of explicit ``groups``; inferred from them when ``None``).
+        grouping: how to split a batch when ``backward`` gets no ``groups``: ``"contiguous"``
+            (consecutive samples), ``"random"`` (a fresh seeded random partition each step), or
+            ``"key"`` (one group per distinct value of ``backward(..., keys=...)``, e.g. labels).
+        seed: seed of the ``"random"`` grouping (default: drawn from torch's global generator,
+            so ``torch.manual_seed`` makes runs repeatable).
+        engine: ``"loop"``, the reference engine (one backward per group; exact for any model).
+        nonfinite: on NaN/Inf losses or gradients, ``"raise"`` a :class:`NonFiniteError` or
+            ``"skip"`` the step (``.grad`` untouched, ``stats.skipped`` True: skip
+            ``optimizer.step()`` too). Never a NaN step.
+        allow_unused: if False (default), a parameter that no group's loss reaches is an error,
+            as in ``torch.autograd.grad``; if True its ``.grad`` is left as it is.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import torchgrain
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = nn.Linear(4, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> grain = torchgrain.GRAIN(model, num_groups=4)
+        >>> x, y = torch.randn(16, 4), torch.randn(16, 1)
+        >>> losses = ((model(x) - y) ** 2).mean(dim=1)  # (B,) per-sample losses
+        >>> stats = grain.backward(losses)  # instead of losses.mean().backward()
+        >>> bool(stats.min_inner >= stats.d_norm**2 - 1e-9)  # every group's loss decreases
+        True
+        >>> opt.step()
+    """
+
+    def __init__(
+        self,
+        model_or_params: ParamsLike,
+        num_groups: int | None = None,
+        *,
+        grouping: Grouping = "contiguous",
+        seed: int | None = None,
+        engine: str = "loop",
+        nonfinite: NonFinite = "raise",
+        allow_unused: bool = False,
+    ) -> None:
+        if num_groups is not None and (isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1):
+            raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+        if grouping not in ("contiguous", "random", "key"):
+            raise ValueError(
+                f"grouping must be 'contiguous', 'random' or 'key', got {grouping!r}"
+            )
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {engine!r}")
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        self.num_groups = num_groups
+        self.grouping: Grouping = grouping
+        self.engine_name = engine
+        self.nonfinite: NonFinite = nonfinite
+        self.allow_unused = allow_unused
+        self._module = model_or_params if isinstance(model_or_params, nn.Module) else None
+        self.names, self.params = _collect_params(model_or_params)
+        self._signature = self._current_signature()
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        self.seed = seed
+        self._generator = torch.Generator().manual_seed(seed)
+        self.step = 0  # completed (not skipped) backward calls
+
+    # ----------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """The state GRAIN keeps between steps: the step count and the random grouping's RNG."""
+        return {"step": self.step, "seed": self.seed, "generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; a resumed run continues bit-identically on the CPU."""
+        missing = {"step", "seed", "generator"} - set(state)
+        if missing:
+            raise KeyError(f"GRAIN state_dict is missing {sorted(missing)}; pass grain.state_dict()")
+        self.step = int(state["step"])
+        self.seed = int(state["seed"])
+        self._generator.set_state(state["generator"])
+
+    # -------------------------------------------------------------------------------- backward
+    def backward(
+        self, losses: Tensor, groups: Tensor | None = None, *, keys: Tensor | None = None
+    ) -> GrainStats:
+        """Add the min-norm combination ``d`` of the group gradients to ``.grad``.
+
+        Where ``losses.mean().backward()`` would add the mean gradient, this adds ``d`` (and
+        accumulates into existing ``.grad`` the same way, so ``zero_grad`` keeps its meaning).
+        The graph is freed as by ``backward()``. On any error, every ``.grad`` is left as it was.
+
+        Args:
+            losses: ``(B,)`` per-sample losses (``reduction="none"``).
+            groups: optional ``(B,)`` integer group ids in ``[0, num_groups)``; they win over the
+                configured grouping. Empty groups are dropped (weight 0).
+            keys: ``(B,)`` integer keys for ``grouping="key"``: one group per distinct key.
+
+        Returns:
+            :class:`GrainStats` with the weights, the Gram and the diagnostics.
+        """
+        self._check_losses(losses)
+        self._check_unchanged()
+        ids, m = self._group_ids(losses, groups, keys)  # (B,), m
+        # Host sync: one read decides whether the step can go on (finite losses, ids in range).
+        finite, low, high = torch.stack(
+            [torch.isfinite(losses).all().long(), ids.min(), ids.max()]
+        ).tolist()
+        if low < 0 or high >= m:
+            raise ValueError(
+                f"group ids must lie in [0, {m}), got ids from {low} to {high}; "
+                f"use ids 0..{m - 1} or raise num_groups"
+            )
+        sizes = torch.bincount(ids, minlength=m)  # (m,)
+        if not finite:
+            return self._nonfinite(m, sizes, "losses contain NaN or Inf")
+        present = (sizes > 0).nonzero().squeeze(-1)  # (m',) ids of the non-empty groups
+        compact = torch.full((m,), -1, dtype=torch.int64, device=ids.device)
+        compact[present] = torch.arange(present.shape[0], device=ids.device)
+        group_losses = _group_means(losses, compact[ids], sizes[present])  # (m',)
+
+        engine = ENGINES[self.engine_name]()
+        gram_present = engine.gram(group_losses, self.params)  # (m', m')
+        unreached = [name for name, hit in zip(self.names, engine.reached()) if not hit]
+        if unreached and not self.allow_unused:
+            raise ValueError(
+                f"parameters {shorten(unreached)} received no gradient from the losses; pass only "
+                "the parameters the loss uses, freeze them (requires_grad_(False)) before building "
+                "GRAIN, or set allow_unused=True"
+            )
+        if not bool(torch.isfinite(gram_present).all()):  # host sync: NaN/Inf gradients
+            return self._nonfinite(m, sizes, "gradients contain NaN or Inf")
+
+        started = time.perf_counter()
+        solution = solve(gram_present, check=False)
+        seconds = time.perf_counter() - started
+        update = engine.combine(solution.weights)  # d per parameter
+
+        for p, d in zip(self.params, update):
+            if d is None:
+                continue
+            if p.grad is None:
+                p.grad = d.detach()
+            else:
+                p.grad.add_(d)
+        self.step += 1
+
+        weights = torch.zeros(m, dtype=torch.float64, device=ids.device)
+        weights[present] = solution.weights
+        gram = torch.zeros(m, m, dtype=torch.float64, device=ids.device)
+        gram[present[:, None], present[None, :]] = gram_present
+        return compute_stats(
+            weights,
+            gram,
+            sizes,
+            solver_gap=solution.gap,
+            solver_iterations=solution.iterations,
+            solver_seconds=seconds,
+            engine=engine.name,
+        )
+
+    # ---------------------------------------------------------------------------------- checks
+    def _check_losses(self, losses: Tensor) -> None:
+        if not isinstance(losses, Tensor):
+            raise TypeError(f"losses must be a torch.Tensor of shape (B,), got {type(losses).__name__}")
+        if losses.dim() != 1:
+            hint = (
+                "a scalar: compute the loss with reduction='none'"
+                if losses.dim() == 0
+                else "reduce the other dims per sample, e.g. losses.mean(dim=tuple(range(1, losses.dim())))"
+            )
+            raise ValueError(
+                f"losses must have shape (B,), one loss per sample, got {tuple(losses.shape)}; {hint}"
+            )
+        if losses.shape[0] == 0:
+            raise ValueError("losses is empty (B = 0); pass a batch with at least one sample")
+        if not losses.dtype.is_floating_point:
+            raise TypeError(f"losses must be floating point, got {losses.dtype}")
+        if not losses.requires_grad:
+            raise ValueError(
+                "losses do not require grad: compute them from the model's output outside "
+                "torch.no_grad(), and check that the model has trainable parameters"
+            )
+
+    def _current_signature(self) -> list[tuple[str, int, tuple[int, ...], bool]]:
+        if self._module is not None:
+            named = [(n, p) for n, p in self._module.named_parameters() if p.requires_grad]
+        else:
+            named = list(zip(self.names, self.params))
+        return [(n, id(p), tuple(p.shape), p.requires_grad) for n, p in named]
+
+    def _check_unchanged(self) -> None:
+        now = self._current_signature()
+        if now == self._signature:
+            return
+        before = {s[0]: s for s in self._signature}
+        after = {s[0]: s for s in now}
+        changed = sorted(n for n in before.keys() | after.keys() if before.get(n) != after.get(n))
+        raise RuntimeError(
+            f"the trainable parameters changed after GRAIN was built ({shorten(changed)}: added, "
+            "removed, replaced, reshaped or (un)frozen); build a new GRAIN after changing the model"
+        )
+
+    def _group_ids(self, losses: Tensor, groups: Tensor | None, keys: Tensor | None) -> tuple[Tensor, int]:
+        B, device = losses.shape[0], losses.device
+        if groups is not None:
+            if not isinstance(groups, Tensor) or groups.dim() != 1 or groups.shape[0] != B:
+                raise ValueError(
+                    f"groups must be a (B,) = ({B},) tensor of group ids, got "
+                    f"{describe(groups)}; pass one id per sample"
+                )
+            if groups.dtype.is_floating_point or groups.dtype.is_complex or groups.dtype == torch.bool:
+                raise TypeError(f"groups must hold integer ids, got {groups.dtype}; use groups.long()")
+            groups = groups.to(device=device, dtype=torch.int64)
+            # Host sync only when num_groups is unset: m comes from the ids.
+            m = self.num_groups if self.num_groups is not None else int(groups.max()) + 1
+            return groups, m
+        if self.grouping == "key":
+            if keys is None:
+                raise ValueError("grouping='key' needs backward(losses, keys=...) with one key per sample")
+            if not isinstance(keys, Tensor) or keys.shape[:1] != (B,):
+                raise ValueError(f"keys must have B = {B} rows, got {describe(keys)}")
+            ids, m = key_groups(keys)
+            return ids.to(device), m
+        if self.num_groups is None:
+            raise ValueError(
+                f"num_groups is not set: build GRAIN(..., num_groups=m) for grouping={self.grouping!r} "
+                "or pass explicit groups to backward"
+            )
+        if self.grouping == "random":
+            return random_groups(B, self.num_groups, self._generator, device), self.num_groups
+        return contiguous_groups(B, self.num_groups, device), self.num_groups
+
+    def _nonfinite(self, m: int, sizes: Tensor, reason: str) -> GrainStats:
+        if self.nonfinite == "raise":
+            raise NonFiniteError(
+                f"{reason}; .grad was left untouched. Use GRAIN(..., nonfinite='skip') to skip such "
+                "steps, or lower the learning rate / check the data"
+            )
+        return skipped_stats(m, sizes, reason, self.engine_name)
+
+    def __repr__(self) -> str:
+        return (
+            f"GRAIN(num_groups={self.num_groups}, grouping={self.grouping!r}, engine={self.engine_name!r}, "
+            f"nonfinite={self.nonfinite!r}, params={len(self.params)}, "
+            f"numel={sum(p.numel() for p in self.params)})"
+        )
+
+
+def _group_means(losses: Tensor, ids: Tensor, sizes: Tensor) -> Tensor:
+    """``(B,)`` losses, ``(B,)`` ids in ``[0, m)``, ``(m,)`` sizes -> ``(m,)`` group means."""
+    sums = losses.new_zeros(sizes.shape[0]).index_add(0, ids, losses)  # (m,)
+    return sums / sizes.to(losses.dtype)
+
+
+def _collect_params(source: ParamsLike) -> tuple[list[str], list[Tensor]]:
+    if isinstance(source, nn.Module):
+        named = [(n, p) for n, p in source.named_parameters() if p.requires_grad]
+    elif isinstance(source, Tensor):
+        raise TypeError("pass an nn.Module or an iterable of parameters, not a single tensor: [param]")
+    else:
+        named = []
+        for i, item in enumerate(source):
+            if isinstance(item, dict):  # optimizer-style param group
+                params = item.get("params", [])
+                params = [params] if isinstance(params, Tensor) else list(params)
+                named += [(f"group{i}.{j}", p) for j, p in enumerate(params)]
+            elif isinstance(item, tuple) and len(item) == 2:
+                named.append((str(item[0]), item[1]))
+            else:
+                named.append((f"param{i}", item))
+        for name, p in named:
+            if not isinstance(p, Tensor):
+                raise TypeError(f"{name} is a {type(p).__name__}, not a tensor; pass parameters")
+            if not p.requires_grad:
+                raise ValueError(
+                    f"parameter {name} is frozen (requires_grad=False); GRAIN cannot give it a "
+                    "gradient: leave it out, or pass the model to use its trainable parameters"
+                )
+            if not p.is_leaf:
+                raise ValueError(f"{name} is not a leaf tensor; pass the parameters themselves")
+    unique: dict[int, tuple[str, Tensor]] = {}
+    for name, p in named:
+        unique.setdefault(id(p), (name, p))  # a tied weight counts once, under its first name
+    if not unique:
+        raise ValueError(
+            "no trainable parameters: every parameter has requires_grad=False or the list is "
+            "empty; unfreeze some (p.requires_grad_(True)) before building GRAIN"
+        )
+    return [n for n, _ in unique.values()], [p for _, p in unique.values()]

@@ -1,0 +1,64 @@
+"""The reference engine: one autograd backward per group, exact for any model.
+
+It makes no assumption about the model: BatchNorm in training mode, in-batch contrastive losses,
+shared inputs, custom autograd functions all give the exact group gradients, because each is the
+true gradient of its group's loss. It costs m backward passes and keeps the m group gradients
+(memory ``m x |params|``); it is the test oracle of the faster engines.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class LoopEngine:
+    """Per-group ``torch.autograd.grad`` over one retained graph.
+
+    Example:
+        >>> import torch
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        >>> losses = x @ w  # (B,) with B = 2
+        >>> engine = LoopEngine()
+        >>> engine.gram(losses, [w])  # groups = samples: gradients e_1 and e_2
+        tensor([[1., 0.],
+                [0., 1.]], dtype=torch.float64)
+        >>> engine.combine(torch.tensor([0.5, 0.5]))
+        [tensor([0.5000, 0.5000])]
+    """
+
+    name = "loop"
+
+    def __init__(self) -> None:
+        self._grads: list[Tensor | None] = []  # per parameter: (m, *shape), or None if unreached
+
+    def gram(self, group_losses: Tensor, params: list[Tensor]) -> Tensor:
+        m = group_losses.shape[0]
+        per_group = [
+            torch.autograd.grad(group_losses[k], params, retain_graph=k < m - 1, allow_unused=True)
+            for k in range(m)
+        ]
+        self._grads = []
+        gram = torch.zeros(m, m, dtype=torch.float64, device=group_losses.device)  # (m, m)
+        for i, p in enumerate(params):
+            grads = [g[i] for g in per_group]
+            if all(g is None for g in grads):
+                self._grads.append(None)
+                continue
+            stack = torch.stack([torch.zeros_like(p) if g is None else g for g in grads])
+            self._grads.append(stack)  # (m, *shape)
+            flat = stack.reshape(m, -1).to(torch.float64)  # (m, |p|)
+            gram += flat @ flat.T
+        return gram
+
+    def reached(self) -> list[bool]:
+        return [g is not None for g in self._grads]
+
+    def combine(self, weights: Tensor) -> list[Tensor | None]:
+        out = [
+            None if stack is None else torch.tensordot(weights.to(stack.dtype), stack, dims=1)
+            for stack in self._grads
+        ]
+        self._grads = []
+        return out
