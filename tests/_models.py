@@ -41,7 +41,9 @@ class TiedLM(nn.Module):
         return self.out(torch.tanh(self.mix(self.embed(tokens))))
 
 
-def classification_batch(B: int = 12, d_in: int = 5, classes: int = 3, seed: int = 0) -> tuple[Tensor, Tensor]:
+def classification_batch(
+    B: int = 12, d_in: int = 5, classes: int = 3, seed: int = 0
+) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(B, d_in, generator=g), torch.randint(0, classes, (B,), generator=g)
 
@@ -52,7 +54,9 @@ def per_sample_ce(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 
 def lm_losses(model: nn.Module, tokens: Tensor) -> Tensor:
     logits = model(tokens[:, :-1])  # (B, T-1, V)
-    token_losses = nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
+    token_losses = nn.functional.cross_entropy(
+        logits.transpose(1, 2), tokens[:, 1:], reduction="none"
+    )
     return token_losses.mean(dim=1)  # (B,)
 
 
@@ -64,9 +68,18 @@ def group_gradients(model: nn.Module, losses_fn, groups: Tensor, m: int) -> Tens
     for k in range(m):
         losses = losses_fn()
         grads = torch.autograd.grad(losses[groups == k].mean(), params, allow_unused=True)
-        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params)]))
+        rows.append(
+            torch.cat(
+                [
+                    (torch.zeros_like(p) if g is None else g).flatten()
+                    for g, p in zip(grads, params, strict=True)
+                ]
+            )
+        )
     return torch.stack(rows)
 
 
 def flat_grad(model: nn.Module) -> Tensor:
-    return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad and p.grad is not None])
+    return torch.cat(
+        [p.grad.flatten() for p in model.parameters() if p.requires_grad and p.grad is not None]
+    )

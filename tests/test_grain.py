@@ -9,9 +9,17 @@ import torch
 from torch import nn
 
 import torchgrain
-from tests._models import CNN, TiedLM, classification_batch, flat_grad, group_gradients, lm_losses, mlp, per_sample_ce
+from tests._models import (
+    CNN,
+    TiedLM,
+    classification_batch,
+    flat_grad,
+    group_gradients,
+    lm_losses,
+    mlp,
+    per_sample_ce,
+)
 from tests.solvers._zoo import kkt_gap
-
 
 
 @pytest.fixture(autouse=True)
@@ -22,7 +30,9 @@ def _float64():  # type: ignore[no-untyped-def]
     torch.set_default_dtype(previous)
 
 
-def _check_against_oracle(model: nn.Module, losses_fn, groups: torch.Tensor, m: int) -> torchgrain.GrainStats:  # type: ignore[no-untyped-def]
+def _check_against_oracle(
+    model: nn.Module, losses_fn, groups: torch.Tensor, m: int
+) -> torchgrain.GrainStats:  # type: ignore[no-untyped-def]
     """GRAIN's .grad equals sum_k w_k g_k with g_k from independent backward passes, and w is the
     exact min-norm point of their Gram."""
     F = group_gradients(model, losses_fn, groups, m)  # (m, P)
@@ -30,8 +40,12 @@ def _check_against_oracle(model: nn.Module, losses_fn, groups: torch.Tensor, m: 
     model.zero_grad(set_to_none=True)
     stats = grain.backward(losses_fn(), groups)
     present = stats.group_sizes > 0
-    torch.testing.assert_close(stats.gram[present][:, present], (F @ F.T)[present][:, present], rtol=1e-10, atol=1e-14)
-    torch.testing.assert_close(flat_grad(model), stats.weights[present] @ F[present], rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(
+        stats.gram[present][:, present], (F @ F.T)[present][:, present], rtol=1e-10, atol=1e-14
+    )
+    torch.testing.assert_close(
+        flat_grad(model), stats.weights[present] @ F[present], rtol=1e-10, atol=1e-14
+    )
     assert kkt_gap((F @ F.T)[present][:, present], stats.weights[present]) <= 1e-10
     return stats
 
@@ -62,7 +76,9 @@ def test_batchnorm_model_is_exact_with_the_loop_engine() -> None:
     torch.manual_seed(2)
     model = CNN(batchnorm=True)
     x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))
-    _check_against_oracle(model, lambda: per_sample_ce(model, x, y), torchgrain.contiguous_groups(8, 4), 4)
+    _check_against_oracle(
+        model, lambda: per_sample_ce(model, x, y), torchgrain.contiguous_groups(8, 4), 4
+    )
 
 
 def test_tied_weights_counted_once() -> None:
@@ -71,7 +87,9 @@ def test_tied_weights_counted_once() -> None:
     tokens = torch.randint(0, 11, (6, 5))
     grain = torchgrain.GRAIN(model, num_groups=3)
     assert len(grain.params) == len(list(model.parameters()))  # the tied matrix once
-    _check_against_oracle(model, lambda: lm_losses(model, tokens), torchgrain.contiguous_groups(6, 3), 3)
+    _check_against_oracle(
+        model, lambda: lm_losses(model, tokens), torchgrain.contiguous_groups(6, 3), 3
+    )
 
 
 def test_accumulates_into_existing_grad() -> None:
@@ -88,7 +106,9 @@ def test_accumulates_into_existing_grad() -> None:
     torch.testing.assert_close(flat_grad(model), 0.5 + d, rtol=0, atol=1e-15)
 
 
-def _train(model: nn.Module, steps: int, use_grain: bool, m: int = 1, **grain_kwargs) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+def _train(
+    model: nn.Module, steps: int, use_grain: bool, m: int = 1, **grain_kwargs
+) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     grain = torchgrain.GRAIN(model, num_groups=m, **grain_kwargs) if use_grain else None
     trajectory = []
@@ -110,7 +130,7 @@ def test_one_group_is_plain_training_bit_for_bit() -> None:
     model = mlp()
     plain = _train(copy.deepcopy(model), 10, use_grain=False)
     grain = _train(copy.deepcopy(model), 10, use_grain=True, m=1)
-    for a, b in zip(plain, grain):
+    for a, b in zip(plain, grain, strict=True):
         assert torch.equal(a, b)
 
 
@@ -130,7 +150,7 @@ def test_equal_group_gradients_give_plain_training() -> None:
         opt_b.zero_grad()
         grain.backward(per_sample_ce(grain_model, x.repeat(4, 1), y.repeat(4)))
         opt_b.step()
-    for p, q in zip(opt_plain_model.parameters(), grain_model.parameters()):
+    for p, q in zip(opt_plain_model.parameters(), grain_model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
 
 
@@ -155,7 +175,7 @@ def test_random_grouping_is_seeded_and_bit_identical() -> None:
         return _train(mlp(), 5, use_grain=True, m=4, grouping="random", seed=seed)
 
     a, b, c = run(0), run(0), run(1)
-    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
     assert not torch.equal(a[-1], c[-1])
 
 
@@ -173,19 +193,23 @@ def test_state_dict_resume_is_bit_identical() -> None:
 
     for i in range(3):
         step(i)
-    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "grain": grain.state_dict()})
+    saved = copy.deepcopy(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "grain": grain.state_dict()}
+    )
     for i in range(3, 6):
         step(i)
     finished = [p.detach().clone() for p in model.parameters()]
 
     model.load_state_dict(saved["model"])
     opt.load_state_dict(saved["opt"])
-    grain = torchgrain.GRAIN(model, num_groups=4, grouping="random", seed=99)  # seed overwritten below
+    grain = torchgrain.GRAIN(
+        model, num_groups=4, grouping="random", seed=99
+    )  # seed overwritten below
     grain.load_state_dict(saved["grain"])
     assert grain.step == 3
     for i in range(3, 6):
         step(i)
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), finished))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), finished, strict=True))
 
 
 def test_key_grouping_by_label() -> None:
@@ -290,7 +314,11 @@ def test_every_optimizer_and_a_scheduler(opt_cls, kwargs) -> None:  # type: igno
     torch.manual_seed(14)
     model = mlp()
     opt = opt_cls(model.parameters(), **kwargs)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=kwargs["lr"], total_steps=30) if "momentum" in kwargs else torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
+    sched = (
+        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=kwargs["lr"], total_steps=30)
+        if "momentum" in kwargs
+        else torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
+    )
     grain = torchgrain.GRAIN(model, num_groups=4)
     x, y = classification_batch(B=32, seed=1)
     first = float(per_sample_ce(model, x, y).detach().mean())

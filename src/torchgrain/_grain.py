@@ -84,12 +84,12 @@ class GRAIN:
         nonfinite: NonFinite = "raise",
         allow_unused: bool = False,
     ) -> None:
-        if num_groups is not None and (isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1):
+        if num_groups is not None and (
+            isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1
+        ):
             raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
         if grouping not in ("contiguous", "random", "key"):
-            raise ValueError(
-                f"grouping must be 'contiguous', 'random' or 'key', got {grouping!r}"
-            )
+            raise ValueError(f"grouping must be 'contiguous', 'random' or 'key', got {grouping!r}")
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {engine!r}")
         if nonfinite not in ("raise", "skip"):
@@ -117,7 +117,9 @@ class GRAIN:
         """Restore :meth:`state_dict`; a resumed run continues bit-identically on the CPU."""
         missing = {"step", "seed", "generator"} - set(state)
         if missing:
-            raise KeyError(f"GRAIN state_dict is missing {sorted(missing)}; pass grain.state_dict()")
+            raise KeyError(
+                f"GRAIN state_dict is missing {sorted(missing)}; pass grain.state_dict()"
+            )
         self.step = int(state["step"])
         self.seed = int(state["seed"])
         self._generator.set_state(state["generator"])
@@ -163,22 +165,27 @@ class GRAIN:
 
         engine = ENGINES[self.engine_name]()
         gram_present = engine.gram(group_losses, self.params)  # (m', m')
-        unreached = [name for name, hit in zip(self.names, engine.reached()) if not hit]
+        unreached = [
+            name for name, hit in zip(self.names, engine.reached(), strict=True) if not hit
+        ]
         if unreached and not self.allow_unused:
             raise ValueError(
                 f"parameters {shorten(unreached)} received no gradient from the losses; pass only "
                 "the parameters the loss uses, freeze them (requires_grad_(False)) before building "
                 "GRAIN, or set allow_unused=True"
             )
-        if not bool(torch.isfinite(gram_present).all()):  # host sync: NaN/Inf gradients
+        # Host sync: the (m', m') Gram comes to the host once, to check it and to solve the QP
+        # there (a few hundred microseconds, where a fixed-count masked solve on the device
+        # would cost ~30 kernel launches per iteration).
+        gram_host = gram_present.cpu()
+        if not bool(torch.isfinite(gram_host).all()):
             return self._nonfinite(m, sizes, "gradients contain NaN or Inf")
-
         started = time.perf_counter()
-        solution = solve(gram_present, check=False)
+        solution = solve(gram_host, check=False)
         seconds = time.perf_counter() - started
-        update = engine.combine(solution.weights)  # d per parameter
+        update = engine.combine(solution.weights.to(ids.device))  # d per parameter
 
-        for p, d in zip(self.params, update):
+        for p, d in zip(self.params, update, strict=True):
             if d is None:
                 continue
             if p.grad is None:
@@ -188,15 +195,15 @@ class GRAIN:
         self.step += 1
 
         weights = torch.zeros(m, dtype=torch.float64, device=ids.device)
-        weights[present] = solution.weights
+        weights[present] = solution.weights.to(ids.device)
         gram = torch.zeros(m, m, dtype=torch.float64, device=ids.device)
         gram[present[:, None], present[None, :]] = gram_present
         return compute_stats(
             weights,
             gram,
             sizes,
-            solver_gap=solution.gap,
-            solver_iterations=solution.iterations,
+            solver_gap=solution.gap.to(ids.device),
+            solver_iterations=solution.iterations.to(ids.device),
             solver_seconds=seconds,
             engine=engine.name,
         )
@@ -204,15 +211,18 @@ class GRAIN:
     # ---------------------------------------------------------------------------------- checks
     def _check_losses(self, losses: Tensor) -> None:
         if not isinstance(losses, Tensor):
-            raise TypeError(f"losses must be a torch.Tensor of shape (B,), got {type(losses).__name__}")
+            raise TypeError(
+                f"losses must be a torch.Tensor of shape (B,), got {type(losses).__name__}"
+            )
         if losses.dim() != 1:
             hint = (
                 "a scalar: compute the loss with reduction='none'"
                 if losses.dim() == 0
-                else "reduce the other dims per sample, e.g. losses.mean(dim=tuple(range(1, losses.dim())))"
+                else "reduce the other dims per sample, e.g. losses.flatten(1).mean(dim=1)"
             )
             raise ValueError(
-                f"losses must have shape (B,), one loss per sample, got {tuple(losses.shape)}; {hint}"
+                f"losses must have shape (B,), one loss per sample, "
+                f"got {tuple(losses.shape)}; {hint}"
             )
         if losses.shape[0] == 0:
             raise ValueError("losses is empty (B = 0); pass a batch with at least one sample")
@@ -225,10 +235,9 @@ class GRAIN:
             )
 
     def _current_signature(self) -> list[tuple[str, int, tuple[int, ...], bool]]:
+        named: list[tuple[str, Tensor]] = list(zip(self.names, self.params, strict=True))
         if self._module is not None:
             named = [(n, p) for n, p in self._module.named_parameters() if p.requires_grad]
-        else:
-            named = list(zip(self.names, self.params))
         return [(n, id(p), tuple(p.shape), p.requires_grad) for n, p in named]
 
     def _check_unchanged(self) -> None:
@@ -243,7 +252,9 @@ class GRAIN:
             "removed, replaced, reshaped or (un)frozen); build a new GRAIN after changing the model"
         )
 
-    def _group_ids(self, losses: Tensor, groups: Tensor | None, keys: Tensor | None) -> tuple[Tensor, int]:
+    def _group_ids(
+        self, losses: Tensor, groups: Tensor | None, keys: Tensor | None
+    ) -> tuple[Tensor, int]:
         B, device = losses.shape[0], losses.device
         if groups is not None:
             if not isinstance(groups, Tensor) or groups.dim() != 1 or groups.shape[0] != B:
@@ -251,22 +262,31 @@ class GRAIN:
                     f"groups must be a (B,) = ({B},) tensor of group ids, got "
                     f"{describe(groups)}; pass one id per sample"
                 )
-            if groups.dtype.is_floating_point or groups.dtype.is_complex or groups.dtype == torch.bool:
-                raise TypeError(f"groups must hold integer ids, got {groups.dtype}; use groups.long()")
+            if (
+                groups.dtype.is_floating_point
+                or groups.dtype.is_complex
+                or groups.dtype == torch.bool
+            ):
+                raise TypeError(
+                    f"groups must hold integer ids, got {groups.dtype}; use groups.long()"
+                )
             groups = groups.to(device=device, dtype=torch.int64)
             # Host sync only when num_groups is unset: m comes from the ids.
             m = self.num_groups if self.num_groups is not None else int(groups.max()) + 1
             return groups, m
         if self.grouping == "key":
             if keys is None:
-                raise ValueError("grouping='key' needs backward(losses, keys=...) with one key per sample")
+                raise ValueError(
+                    "grouping='key' needs backward(losses, keys=...) with one key per sample"
+                )
             if not isinstance(keys, Tensor) or keys.shape[:1] != (B,):
                 raise ValueError(f"keys must have B = {B} rows, got {describe(keys)}")
             ids, m = key_groups(keys)
             return ids.to(device), m
         if self.num_groups is None:
             raise ValueError(
-                f"num_groups is not set: build GRAIN(..., num_groups=m) for grouping={self.grouping!r} "
+                "num_groups is not set: build GRAIN(..., num_groups=m) for "
+                f"grouping={self.grouping!r} "
                 "or pass explicit groups to backward"
             )
         if self.grouping == "random":
@@ -276,14 +296,16 @@ class GRAIN:
     def _nonfinite(self, m: int, sizes: Tensor, reason: str) -> GrainStats:
         if self.nonfinite == "raise":
             raise NonFiniteError(
-                f"{reason}; .grad was left untouched. Use GRAIN(..., nonfinite='skip') to skip such "
+                f"{reason}; .grad was left untouched. Use GRAIN(..., nonfinite='skip') to skip "
+                "such "
                 "steps, or lower the learning rate / check the data"
             )
         return skipped_stats(m, sizes, reason, self.engine_name)
 
     def __repr__(self) -> str:
         return (
-            f"GRAIN(num_groups={self.num_groups}, grouping={self.grouping!r}, engine={self.engine_name!r}, "
+            f"GRAIN(num_groups={self.num_groups}, grouping={self.grouping!r}, "
+            f"engine={self.engine_name!r}, "
             f"nonfinite={self.nonfinite!r}, params={len(self.params)}, "
             f"numel={sum(p.numel() for p in self.params)})"
         )
@@ -296,10 +318,13 @@ def _group_means(losses: Tensor, ids: Tensor, sizes: Tensor) -> Tensor:
 
 
 def _collect_params(source: ParamsLike) -> tuple[list[str], list[Tensor]]:
+    named: list[tuple[str, Any]]
     if isinstance(source, nn.Module):
         named = [(n, p) for n, p in source.named_parameters() if p.requires_grad]
     elif isinstance(source, Tensor):
-        raise TypeError("pass an nn.Module or an iterable of parameters, not a single tensor: [param]")
+        raise TypeError(
+            "pass an nn.Module or an iterable of parameters, not a single tensor: [param]"
+        )
     else:
         named = []
         for i, item in enumerate(source):

@@ -92,7 +92,7 @@ class GrainStats:
         }
         # One host read for all of them.
         values = torch.stack([v.detach().to("cpu", torch.float64) for v in scalars.values()])
-        out = {prefix + k: float(v) for k, v in zip(scalars, values.tolist())}
+        out = {prefix + k: float(v) for k, v in zip(scalars, values.tolist(), strict=True)}
         out[prefix + "solver_seconds"] = self.solver_seconds
         out[prefix + "skipped"] = float(self.skipped)
         out[prefix + "max_weight"] = float(self.weights.max()) if not self.skipped else math.nan
@@ -136,7 +136,9 @@ def skipped_stats(num_groups: int, group_sizes: Tensor, reason: str, engine: str
     nan = torch.full((), torch.nan, dtype=torch.float64, device=group_sizes.device)
     return GrainStats(
         weights=torch.full((num_groups,), torch.nan, dtype=torch.float64, device=nan.device),
-        gram=torch.full((num_groups, num_groups), torch.nan, dtype=torch.float64, device=nan.device),
+        gram=torch.full(
+            (num_groups, num_groups), torch.nan, dtype=torch.float64, device=nan.device
+        ),
         group_sizes=group_sizes,
         mean_grad_norm=nan,
         d_norm=nan,

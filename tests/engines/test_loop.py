@@ -33,6 +33,6 @@ def test_unreached_parameter_is_reported_and_gets_none() -> None:
     gram = engine.gram(losses, [used, unused, partly])
     torch.testing.assert_close(gram, torch.tensor([[2.0, 2.0], [2.0, 4.0]], dtype=torch.float64))
     assert engine.reached() == [True, False, True]
-    d_used, d_unused, d_partly = engine.combine(torch.tensor([0.5, 0.5]))
+    _, d_unused, d_partly = engine.combine(torch.tensor([0.5, 0.5]))
     assert d_unused is None
     torch.testing.assert_close(d_partly, torch.full((2,), 0.5))

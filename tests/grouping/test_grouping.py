@@ -23,7 +23,9 @@ def test_random_is_a_balanced_partition_and_seeded(B: int, m: int) -> None:
     b = random_groups(B, m, torch.Generator().manual_seed(7))
     c = random_groups(B, m, torch.Generator().manual_seed(8))
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert torch.equal(torch.bincount(a, minlength=m), torch.bincount(contiguous_groups(B, m), minlength=m))
+    assert torch.equal(
+        torch.bincount(a, minlength=m), torch.bincount(contiguous_groups(B, m), minlength=m)
+    )
 
 
 def test_key_groups_dense_ids_in_sorted_key_order() -> None:
@@ -35,7 +37,9 @@ def test_key_groups_dense_ids_in_sorted_key_order() -> None:
 
 @pytest.mark.parametrize("fn", [contiguous_groups, random_groups])
 def test_more_groups_than_samples_is_an_error(fn) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(ValueError, match=r"num_groups=5 is larger than the batch size B=4.*drop_last"):
+    with pytest.raises(
+        ValueError, match=r"num_groups=5 is larger than the batch size B=4.*drop_last"
+    ):
         fn(4, 5)
     with pytest.raises(ValueError, match="num_groups must be >= 1, got 0"):
         fn(4, 0)

@@ -25,7 +25,9 @@ def zoo() -> dict[str, Tensor]:
         "all_zero": torch.zeros(5, 5, dtype=torch.float64),
         "orthogonal": torch.eye(6, dtype=torch.float64),
         "orthogonal_uneven": torch.diag(torch.tensor([1.0, 4.0, 9.0, 1e-4], dtype=torch.float64)),
-        "rank1_same_direction": _gram(torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64) * base),
+        "rank1_same_direction": _gram(
+            torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64) * base
+        ),
         "rank1_opposite": _gram(torch.tensor([[1.0], [-2.0]], dtype=torch.float64) * base),
         "opposite_pair_plus_one": _gram(torch.cat([base, -base, randn(1, 50)])),
         "duplicates": _gram(torch.cat([base, base, base, randn(2, 50)])),
@@ -34,16 +36,24 @@ def zoo() -> dict[str, Tensor]:
         "more_groups_than_dims": _gram(randn(16, 4)),
         "near_identical_8": _gram(base + 1e-3 * randn(8, 50)),
         "near_identical_64": _gram(base + 1e-2 * randn(64, 50)),
-        "one_zero_gradient": _gram(torch.cat([randn(3, 20), torch.zeros(1, 20, dtype=torch.float64)])),
+        "one_zero_gradient": _gram(
+            torch.cat([randn(3, 20), torch.zeros(1, 20, dtype=torch.float64)])
+        ),
         "random_2": _gram(randn(2, 30)),
         "random_8": _gram(randn(8, 30)),
         "random_64": _gram(randn(64, 200)),
         "random_256": _gram(randn(256, 400)),
         "conflicting_8": _gram(randn(8, 30) - 0.5 * base[:, :30]),
-        "ill_conditioned": _gram(torch.linalg.qr(randn(6, 6)).Q @ torch.diag(torch.logspace(0, -8, 6, dtype=torch.float64)) @ randn(6, 40)),
+        "ill_conditioned": _gram(
+            torch.linalg.qr(randn(6, 6)).Q
+            @ torch.diag(torch.logspace(0, -8, 6, dtype=torch.float64))
+            @ randn(6, 40)
+        ),
         "scale_1e-30": 1e-30 * _gram(randn(8, 30)),
         "scale_1e30": 1e30 * _gram(randn(8, 30)),
-        "mixed_scales": _gram(torch.logspace(-6, 6, 7, dtype=torch.float64)[:, None] * randn(7, 30)),
+        "mixed_scales": _gram(
+            torch.logspace(-6, 6, 7, dtype=torch.float64)[:, None] * randn(7, 30)
+        ),
     }
     return cases
 

@@ -45,8 +45,13 @@ def test_same_minimiser_on_random_full_rank_grams(seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     m = int(torch.randint(2, 24, (), generator=g))
     F = torch.randn(m, m + 10, generator=g, dtype=torch.float64)
-    F = F + float(torch.rand((), generator=g)) * 3 * torch.randn(1, m + 10, generator=g, dtype=torch.float64)
+    F = F + float(torch.rand((), generator=g)) * 3 * torch.randn(
+        1, m + 10, generator=g, dtype=torch.float64
+    )
     gram = F @ F.T
     torch.testing.assert_close(
-        min_norm_weights(gram), torch.from_numpy(quadprog_weights(gram, ridge=0.0)), rtol=0, atol=1e-7
+        min_norm_weights(gram),
+        torch.from_numpy(quadprog_weights(gram, ridge=0.0)),
+        rtol=0,
+        atol=1e-7,
     )

@@ -59,10 +59,14 @@ def test_known_values() -> None:
     w = min_norm_weights(ZOO["one_zero_gradient"])
     torch.testing.assert_close(w, torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64))
     # All zero: uniform.
-    torch.testing.assert_close(min_norm_weights(ZOO["all_zero"]), torch.full((5,), 0.2, dtype=torch.float64))
+    torch.testing.assert_close(
+        min_norm_weights(ZOO["all_zero"]), torch.full((5,), 0.2, dtype=torch.float64)
+    )
 
 
-@pytest.mark.parametrize("name", ["random_8", "near_identical_8", "conflicting_8", "ill_conditioned"])
+@pytest.mark.parametrize(
+    "name", ["random_8", "near_identical_8", "conflicting_8", "ill_conditioned"]
+)
 def test_scale_invariance(name: str) -> None:
     gram = ZOO[name]
     w = min_norm_weights(gram)
@@ -72,7 +76,9 @@ def test_scale_invariance(name: str) -> None:
         assert float(diff @ gram @ diff) <= 1e-20 * float(gram.diagonal().max())
 
 
-@pytest.mark.parametrize("name", ["random_8", "near_identical_8", "rank_deficient_8_in_3", "duplicates"])
+@pytest.mark.parametrize(
+    "name", ["random_8", "near_identical_8", "rank_deficient_8_in_3", "duplicates"]
+)
 def test_permutation_equivariance(name: str) -> None:
     gram = ZOO[name]
     m = gram.shape[0]

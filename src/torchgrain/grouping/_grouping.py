@@ -23,7 +23,9 @@ def _check_split(batch_size: int, num_groups: int) -> None:
         )
 
 
-def contiguous_groups(batch_size: int, num_groups: int, device: torch.device | str = "cpu") -> Tensor:
+def contiguous_groups(
+    batch_size: int, num_groups: int, device: torch.device | str = "cpu"
+) -> Tensor:
     """Consecutive samples share a group: sample i goes to group ``floor(i m / B)``.
 
     Example:

@@ -23,10 +23,10 @@ scaling ``G``).
 
 Two implementations of the same iteration, tested against each other:
 
-- ``_wolfe_masked`` writes it on masks over all m coordinates, so it runs batched over
+- ``_solve_masked`` writes it on masks over all m coordinates, so it runs batched over
   ``(..., m, m)`` on any device and never asks the host about the data: it runs a fixed number of
   iterations with finished problems frozen. This is the accelerator path.
-- ``_wolfe_host`` is the textbook loop over index lists in NumPy, one problem at a time, stopping as
+- ``_solve_host`` is the textbook loop over index lists in NumPy, one problem at a time, stopping as
   soon as it is done. On the CPU there is no device to wait for, and a tiny QP costs 10-50x less
   this way than as ~100 tensor operations per iteration.
 """
@@ -102,22 +102,16 @@ def solve(
     masked = gram.device.type != "cpu" if masked is None else masked
     # The QP is tiny: solve it in float64 whatever the Gram's dtype.
     G = gram.detach().to(torch.float64).reshape(-1, m, m)  # (N, m, m)
-    G = 0.5 * (G + G.transpose(-1, -2))
-    scale = G.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(0.0)  # (N,)
-    zero = scale <= 0  # all-zero Gram: every point is the origin; any w is optimal
-    G = G / torch.where(zero, torch.ones_like(scale), scale)[:, None, None]
     if masked:
-        w, iterations, converged = _wolfe_masked(G, max_iter)
+        w, gap, iterations, converged = _solve_masked(G, max_iter)
     else:
-        w, iterations, converged = _wolfe_host(G, max_iter)
-    w = torch.where(zero[:, None], torch.full_like(w, 1.0 / m), w)
-    Gw = G @ w[..., None]  # (N, m, 1)
-    gap = ((w[:, None, :] @ Gw).reshape(-1) - Gw.reshape(-1, m).amin(-1)).clamp_min(0.0)
+        found = _solve_host(G.cpu().numpy(), max_iter)
+        w, gap, iterations, converged = (torch.from_numpy(a).to(gram.device) for a in found)
     return Solution(
         weights=w.to(gram.dtype).reshape(*batch_shape, m),
         gap=gap.reshape(batch_shape),
         iterations=iterations.reshape(batch_shape),
-        converged=(converged | zero).reshape(batch_shape),
+        converged=converged.reshape(batch_shape),
     )
 
 
@@ -127,53 +121,84 @@ def _tolerance(m: int) -> float:
     return 64.0 * m * float(np.finfo(np.float64).eps)
 
 
-def _wolfe_host(G: Tensor, max_iter: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The textbook iteration, one CPU problem at a time, on ``(N, m, m)`` float64 Grams with unit
-    largest diagonal. Mirrors :func:`_wolfe_masked` step for step."""
+def _solve_host(G: np.ndarray, max_iter: int) -> tuple[np.ndarray, ...]:
+    """The textbook iteration over index lists, one problem at a time, on ``(N, m, m)`` float64
+    Grams. Returns weights ``(N, m)``, gaps, iterations and convergence flags ``(N,)``; mirrors
+    :func:`_solve_masked` step for step."""
     N, m = G.shape[0], G.shape[-1]
     tol = _tolerance(m)
-    weights = np.zeros((N, m))
+    weights = np.full((N, m), 1.0 / m)  # stays uniform for an all-zero Gram
+    gaps = np.zeros(N)
     iterations = np.zeros(N, dtype=np.int64)
-    converged = np.zeros(N, dtype=bool)
-    for n, Gn in enumerate(G.numpy()):
-        S = [int(np.argmin(np.diag(Gn)))]  # the shortest point
-        newest = S[0]
-        w = np.ones(1)  # weights on S
-        for it in range(1, max_iter + 1):
-            iterations[n] = it
-            A = Gn[np.ix_(S, S)] + 1.0  # (1 1^T + G)_SS
-            u = np.linalg.solve(A, np.ones(len(S)))
-            v = u / u.sum()
-            if (v > 0).all():  # major step
-                w = v
-                Gv = Gn[:, S] @ v  # (m,)
-                outside = Gv.copy()
-                outside[S] = np.inf
-                j = int(np.argmin(outside))
-                if v @ Gv[S] - outside[j] <= tol:
-                    converged[n] = True
-                    break
-                S.append(j)
-                w = np.append(w, 0.0)
-                newest = j
-                continue
-            ratio = np.where(v <= 0, w / np.maximum(w - v, 1e-300), np.inf)
-            k = int(np.argmin(ratio))
-            theta = ratio[k]
-            if theta <= 0 and S[k] == newest:  # dropping the point just added: no progress
-                converged[n] = True
-                break
-            w = np.maximum(w + theta * (v - w), 0.0)
-            keep = w > 0
-            keep[k] = False
-            S = [s for s, kept in zip(S, keep) if kept]
-            w = w[keep] / w[keep].sum()
+    converged = np.ones(N, dtype=bool)
+    for n in range(N):
+        scale = np.diagonal(G[n]).max()
+        if not scale > 0:  # all-zero Gram: every point is the origin, any w is optimal
+            continue
+        Gn = 0.5 * (G[n] + G[n].T) / scale
+        w, S, iterations[n], converged[n] = _wolfe_host(Gn, max_iter, tol)
+        weights[n] = 0.0
         weights[n, S] = w
-    return torch.from_numpy(weights), torch.from_numpy(iterations), torch.from_numpy(converged)
+        Gw = Gn @ weights[n]
+        gaps[n] = max(weights[n] @ Gw - Gw.min(), 0.0)
+    return weights, gaps, iterations, converged
+
+
+def _wolfe_host(
+    Gn: np.ndarray, max_iter: int, tol: float
+) -> tuple[np.ndarray, list[int], int, bool]:
+    """One ``(m, m)`` problem with unit largest diagonal -> weights on ``S``, ``S``, iterations,
+    converged."""
+    S = [int(np.argmin(np.diag(Gn)))]  # the shortest point
+    newest = S[0]
+    w = np.ones(1)  # weights on S
+    for it in range(1, max_iter + 1):
+        A = Gn[np.ix_(S, S)] + 1.0  # (1 1^T + G)_SS
+        u = np.linalg.solve(A, np.ones(len(S)))
+        v = u / u.sum()
+        if (v > 0).all():  # major step
+            w = v
+            Gv = Gn[:, S] @ v  # (m,)
+            outside = Gv.copy()
+            outside[S] = np.inf
+            j = int(np.argmin(outside))
+            if v @ Gv[S] - outside[j] <= tol:
+                return w, S, it, True
+            S.append(j)
+            w = np.append(w, 0.0)
+            newest = j
+            continue
+        # Minor step: move w towards v until the first weight on S hits zero; drop that point.
+        ratio = np.where(v <= 0, w / np.maximum(w - v, 1e-300), np.inf)
+        k = int(np.argmin(ratio))
+        theta = ratio[k]
+        if theta <= 0 and S[k] == newest:  # dropping the point just added: no progress
+            return w, S, it, True
+        w = np.maximum(w + theta * (v - w), 0.0)
+        keep = w > 0
+        keep[k] = False
+        S = [s for s, kept in zip(S, keep, strict=True) if kept]
+        w = w[keep] / w[keep].sum()
+    return w, S, max_iter, False
+
+
+def _solve_masked(G: Tensor, max_iter: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The batched iteration on masks, on ``(N, m, m)`` float64 Grams on any device. Returns
+    weights ``(N, m)``, gaps, iterations and convergence flags ``(N,)``."""
+    m = G.shape[-1]
+    G = 0.5 * (G + G.transpose(-1, -2))
+    scale = G.diagonal(dim1=-2, dim2=-1).amax(-1)  # (N,)
+    zero = ~(scale > 0)  # all-zero Gram: every point is the origin; any w is optimal
+    G = G / torch.where(zero, torch.ones_like(scale), scale)[:, None, None]
+    w, iterations, converged = _wolfe_masked(G, max_iter)
+    w = torch.where(zero[:, None], torch.full_like(w, 1.0 / m), w)
+    Gw = (G @ w[..., None]).squeeze(-1)  # (N, m)
+    gap = ((w * Gw).sum(-1) - Gw.amin(-1)).clamp_min(0.0)
+    return w, gap, iterations, converged | zero
 
 
 def _wolfe_masked(G: Tensor, max_iter: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The masked, batched iteration on ``(N, m, m)`` float64 Grams with unit largest diagonal."""
+    """The masked iteration on ``(N, m, m)`` float64 Grams with unit largest diagonal."""
     N, m = G.shape[0], G.shape[-1]
     device = G.device
     tol = _tolerance(m)

@@ -1,0 +1,33 @@
+"""The README's promises: its two opening commands and its usage example, which runs here."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _code_blocks(section: str, language: str) -> list[str]:
+    body = README.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(rf"```{language}\n(.*?)```", body, flags=re.S)
+
+
+def test_readme_opens_with_the_two_commands() -> None:
+    first = re.search(r"```bash\n(.*?)```", README, flags=re.S)
+    assert first is not None and README.index("```bash") < README.index("\n## ")
+    commands = [line for line in first.group(1).splitlines() if line and not line.startswith("#")]
+    assert len(commands) == 2
+    test_command = commands[1]
+    assert test_command.endswith("python -m pytest")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "pip install -q torch==2.13.0 -e \".[test,lint]\"" in ci and "\npython -m pytest\n" in ci
+
+
+def test_usage_example_runs(capsys) -> None:  # type: ignore[no-untyped-def]
+    (example,) = _code_blocks("Usage", "python")
+    assert len(example.strip().splitlines()) <= 16
+    exec(compile(example, "README.md:Usage", "exec"), {})
+    ratio = float(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0.0 <= ratio <= 1.0 + 1e-6
