@@ -22,7 +22,7 @@ def test_readme_opens_with_the_two_commands() -> None:
     test_command = commands[1]
     assert test_command.endswith("python -m pytest")
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "pip install -q torch==2.13.0 -e \".[test,lint]\"" in ci and "\npython -m pytest\n" in ci
+    assert 'pip install -q torch==2.13.0 -e ".[test,lint]"' in ci and "\npython -m pytest\n" in ci
 
 
 def test_usage_example_runs(capsys) -> None:  # type: ignore[no-untyped-def]
