@@ -214,7 +214,17 @@ CONSTRUCTOR_CASES: dict[str, tuple[Callable[[nn.Module], object], type[Exception
     "bad_engine": (
         lambda m: torchgrain.GRAIN(m, 2, engine="fast"),
         ValueError,
-        r"engine must be one of \['loop'\], got 'fast'",
+        r"engine must be one of \['auto', 'fused', 'loop'\], got 'fast'",
+    ),
+    "fused_needs_module": (
+        lambda m: torchgrain.GRAIN(m.parameters(), 2, engine="fused"),
+        ValueError,
+        "pass the nn.Module",
+    ),
+    "negative_budget": (
+        lambda m: torchgrain.GRAIN(m, 2, memory_budget=-1),
+        ValueError,
+        "memory_budget must be >= 0 bytes, got -1",
     ),
     "bad_nonfinite": (
         lambda m: torchgrain.GRAIN(m, 2, nonfinite="ignore"),

@@ -11,7 +11,14 @@ from torch import Tensor, nn
 
 from torchgrain._errors import NonFiniteError, describe, shorten
 from torchgrain._stats import GrainStats, compute_stats, skipped_stats
-from torchgrain.engines import ENGINES
+from torchgrain.engines import (
+    DEFAULT_MEMORY_BUDGET,
+    ENGINE_NAMES,
+    Engine,
+    FusedEngine,
+    GroupIndex,
+    LoopEngine,
+)
 from torchgrain.grouping import contiguous_groups, key_groups, random_groups
 from torchgrain.solvers import solve
 
@@ -49,7 +56,17 @@ class GRAIN:
             ``"key"`` (one group per distinct value of ``backward(..., keys=...)``, e.g. labels).
         seed: seed of the ``"random"`` grouping (default: drawn from torch's global generator,
             so ``torch.manual_seed`` makes runs repeatable).
-        engine: ``"loop"``, the reference engine (one backward per group; exact for any model).
+        engine: ``"fused"``: every group gradient from one backward pass, by per-layer rules,
+            with an exact fallback for the parameters no rule covers (``stats.fallback`` names
+            them); needs an ``nn.Module``. ``"loop"``: the reference, one backward per group,
+            exact for any model. ``"auto"`` (default): ``"fused"`` for a module, else ``"loop"``.
+            The fused engine assumes what mean training assumes of the forward: samples are
+            independent, batch first. A BatchNorm in training mode is detected and sends the
+            step to the loop engine with a warning; a loss that couples samples (in-batch
+            negatives) is not detectable: use ``"loop"`` for it.
+        memory_budget: bytes of group gradients the fused engine may keep per step (default
+            1 GiB); past it, layers recompute ``d`` from their kept inputs and output gradients
+            (one more weight-gradient GEMM, little memory). ``0`` keeps none.
         nonfinite: on NaN/Inf losses or gradients, ``"raise"`` a :class:`NonFiniteError` or
             ``"skip"`` the step (``.grad`` untouched, ``stats.skipped`` True: skip
             ``optimizer.step()`` too). Never a NaN step.
@@ -80,7 +97,8 @@ class GRAIN:
         *,
         grouping: Grouping = "contiguous",
         seed: int | None = None,
-        engine: str = "loop",
+        engine: str = "auto",
+        memory_budget: float = DEFAULT_MEMORY_BUDGET,
         nonfinite: NonFinite = "raise",
         allow_unused: bool = False,
     ) -> None:
@@ -90,23 +108,49 @@ class GRAIN:
             raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
         if grouping not in ("contiguous", "random", "key"):
             raise ValueError(f"grouping must be 'contiguous', 'random' or 'key', got {grouping!r}")
-        if engine not in ENGINES:
-            raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {engine!r}")
+        if engine not in ENGINE_NAMES:
+            raise ValueError(f"engine must be one of {list(ENGINE_NAMES)}, got {engine!r}")
+        if engine == "fused" and not isinstance(model_or_params, nn.Module):
+            raise ValueError(
+                "engine='fused' hooks the model's layers: pass the nn.Module, not its parameters "
+                "(or use engine='loop')"
+            )
+        if not memory_budget >= 0:
+            raise ValueError(f"memory_budget must be >= 0 bytes, got {memory_budget!r}")
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         self.num_groups = num_groups
         self.grouping: Grouping = grouping
+        if engine == "auto":
+            engine = "fused" if isinstance(model_or_params, nn.Module) else "loop"
         self.engine_name = engine
         self.nonfinite: NonFinite = nonfinite
         self.allow_unused = allow_unused
         self._module = model_or_params if isinstance(model_or_params, nn.Module) else None
         self.names, self.params = _collect_params(model_or_params)
         self._signature = self._current_signature()
+        self._engine: Engine = (
+            FusedEngine(model_or_params, memory_budget)  # type: ignore[arg-type]
+            if engine == "fused"
+            else LoopEngine()
+        )
         if seed is None:
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         self.seed = seed
         self._generator = torch.Generator().manual_seed(seed)
         self.step = 0  # completed (not skipped) backward calls
+
+    # ------------------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Remove the fused engine's hooks from the model (also done when GRAIN is collected)."""
+        if isinstance(self._engine, FusedEngine):
+            self._engine.close()
+
+    def __enter__(self) -> GRAIN:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ----------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -143,6 +187,12 @@ class GRAIN:
         Returns:
             :class:`GrainStats` with the weights, the Gram and the diagnostics.
         """
+        try:
+            return self._backward(losses, groups, keys)
+        finally:
+            self._engine.release()  # what the engine still holds (hook records on an error path)
+
+    def _backward(self, losses: Tensor, groups: Tensor | None, keys: Tensor | None) -> GrainStats:
         self._check_losses(losses)
         self._check_unchanged()
         ids, m = self._group_ids(losses, groups, keys)  # (B,), m
@@ -161,10 +211,11 @@ class GRAIN:
         present = (sizes > 0).nonzero().squeeze(-1)  # (m',) ids of the non-empty groups
         compact = torch.full((m,), -1, dtype=torch.int64, device=ids.device)
         compact[present] = torch.arange(present.shape[0], device=ids.device)
-        group_losses = _group_means(losses, compact[ids], sizes[present])  # (m',)
+        groups_present = GroupIndex.build(compact[ids], sizes[present])
 
-        engine = ENGINES[self.engine_name]()
-        gram_present = engine.gram(group_losses, self.params)  # (m', m')
+        engine = self._engine
+        gram_present = engine.gram(losses, groups_present, self.params)  # (m', m')
+        fallback = dict(getattr(engine, "fallback", {}))
         unreached = [
             name for name, hit in zip(self.names, engine.reached(), strict=True) if not hit
         ]
@@ -206,6 +257,7 @@ class GRAIN:
             solver_iterations=solution.iterations.to(ids.device),
             solver_seconds=seconds,
             engine=engine.name,
+            fallback=fallback,
         )
 
     # ---------------------------------------------------------------------------------- checks
@@ -309,12 +361,6 @@ class GRAIN:
             f"nonfinite={self.nonfinite!r}, params={len(self.params)}, "
             f"numel={sum(p.numel() for p in self.params)})"
         )
-
-
-def _group_means(losses: Tensor, ids: Tensor, sizes: Tensor) -> Tensor:
-    """``(B,)`` losses, ``(B,)`` ids in ``[0, m)``, ``(m,)`` sizes -> ``(m,)`` group means."""
-    sums = losses.new_zeros(sizes.shape[0]).index_add(0, ids, losses)  # (m,)
-    return sums / sizes.to(losses.dtype)
 
 
 def _collect_params(source: ParamsLike) -> tuple[list[str], list[Tensor]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -37,6 +37,8 @@ class GrainStats:
             left untouched and every tensor above is NaN.
         reason: why the step was skipped ("" otherwise).
         engine: the engine that computed the Gram.
+        fallback: parameters whose group gradients the fused engine took from the exact
+            fallback (per-group autograd), each with the reason; empty for the loop engine.
     """
 
     weights: Tensor
@@ -55,6 +57,7 @@ class GrainStats:
     skipped: bool = False
     reason: str = ""
     engine: str = "loop"
+    fallback: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_groups(self) -> int:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from torchgrain.engines import LoopEngine
+from torchgrain.engines import GroupIndex, LoopEngine
+
+SAMPLES = GroupIndex.build(torch.tensor([0, 1]), torch.tensor([1, 1]))  # each sample a group
 
 
 def test_gram_and_combine_of_a_linear_model() -> None:
@@ -15,7 +17,7 @@ def test_gram_and_combine_of_a_linear_model() -> None:
     c = torch.tensor([1.0, -2.0], dtype=torch.float64)
     losses = a @ w + b * c  # (2,)
     engine = LoopEngine()
-    gram = engine.gram(losses, [w, b])
+    gram = engine.gram(losses, SAMPLES, [w, b])
     F = torch.cat([a, c[:, None]], dim=1)  # (m, P)
     torch.testing.assert_close(gram, F @ F.T)
     assert engine.reached() == [True, True]
@@ -30,7 +32,7 @@ def test_unreached_parameter_is_reported_and_gets_none() -> None:
     partly = torch.ones(2, requires_grad=True)
     losses = torch.stack([used.sum(), used.sum() + partly.sum()])  # group 0 does not reach `partly`
     engine = LoopEngine()
-    gram = engine.gram(losses, [used, unused, partly])
+    gram = engine.gram(losses, SAMPLES, [used, unused, partly])
     torch.testing.assert_close(gram, torch.tensor([[2.0, 2.0], [2.0, 4.0]], dtype=torch.float64))
     assert engine.reached() == [True, False, True]
     _, d_unused, d_partly = engine.combine(torch.tensor([0.5, 0.5]))

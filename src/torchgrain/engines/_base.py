@@ -2,9 +2,9 @@
 
 An engine is used once per step in two calls:
 
-1. ``gram(group_losses, params)`` takes the ``(m,)`` group losses ``L_k`` (each the mean of its
-   samples' losses, all from one forward) and returns the ``(m, m)`` float64 Gram
-   ``G_kl = <grad L_k, grad L_l>`` over ``params``;
+1. ``gram(losses, groups, params)`` takes the ``(B,)`` per-sample losses of one forward and the
+   partition (:class:`GroupIndex`), and returns the ``(m, m)`` float64 Gram
+   ``G_kl = <grad L_k, grad L_l>`` over ``params`` (``L_k`` the mean loss of group k);
 2. ``combine(weights)`` then returns, per parameter, ``d = sum_k w_k grad L_k`` in the parameter's
    dtype (``None`` for a parameter that no group's loss reaches).
 
@@ -19,14 +19,16 @@ from typing import Protocol
 
 from torch import Tensor
 
+from torchgrain.engines._groups import GroupIndex
+
 
 class Engine(Protocol):
     """Computes the group Gram, then the weighted combination of the group gradients."""
 
     name: str
 
-    def gram(self, group_losses: Tensor, params: list[Tensor]) -> Tensor:
-        """``(m,)`` group losses -> ``(m, m)`` float64 Gram of their gradients over ``params``."""
+    def gram(self, losses: Tensor, groups: GroupIndex, params: list[Tensor]) -> Tensor:
+        """``(B,)`` losses and groups -> ``(m, m)`` float64 Gram of the group gradients."""
         ...
 
     def reached(self) -> list[bool]:
@@ -35,4 +37,8 @@ class Engine(Protocol):
 
     def combine(self, weights: Tensor) -> list[Tensor | None]:
         """``(m,)`` weights -> ``d`` per parameter (``None`` where no group reached it)."""
+        ...
+
+    def release(self) -> None:
+        """Forget everything held for this step (called after every step, error or not)."""
         ...

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from torchgrain.engines._groups import GroupIndex
+
 
 class LoopEngine:
     """Per-group ``torch.autograd.grad`` over one retained graph.
@@ -20,8 +22,9 @@ class LoopEngine:
         >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
         >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
         >>> losses = x @ w  # (B,) with B = 2
+        >>> groups = GroupIndex.build(torch.tensor([0, 1]), torch.tensor([1, 1]))
         >>> engine = LoopEngine()
-        >>> engine.gram(losses, [w])  # groups = samples: gradients e_1 and e_2
+        >>> engine.gram(losses, groups, [w])  # groups = samples: gradients e_1 and e_2
         tensor([[1., 0.],
                 [0., 1.]], dtype=torch.float64)
         >>> engine.combine(torch.tensor([0.5, 0.5]))
@@ -33,7 +36,8 @@ class LoopEngine:
     def __init__(self) -> None:
         self._grads: list[Tensor | None] = []  # per parameter: (m, *shape), or None if unreached
 
-    def gram(self, group_losses: Tensor, params: list[Tensor]) -> Tensor:
+    def gram(self, losses: Tensor, groups: GroupIndex, params: list[Tensor]) -> Tensor:
+        group_losses = groups.group_means(losses)  # (m,)
         m = group_losses.shape[0]
         per_group = [
             torch.autograd.grad(group_losses[k], params, retain_graph=k < m - 1, allow_unused=True)
@@ -51,6 +55,9 @@ class LoopEngine:
             flat = stack.reshape(m, -1).to(torch.float64)  # (m, |p|)
             gram += flat @ flat.T
         return gram
+
+    def release(self) -> None:
+        self._grads = []
 
     def reached(self) -> list[bool]:
         return [g is not None for g in self._grads]

@@ -1,0 +1,262 @@
+"""The fused engine: every group gradient from one backward pass.
+
+During the forward, :class:`HookManager` records each hooked layer's input ``A`` and the autograd
+edge of its output. ``gram`` then runs one backward of ``sum_k L_k`` that asks autograd for the
+gradients ``Bk`` at those edges only — so autograd computes the input gradients that
+backpropagation needs and skips every weight gradient — and each layer's rule splits its weight
+gradient by group (the same FLOPs, m GEMMs instead of one). Per parameter the engine then either
+
+- keeps the ``(m, *shape)`` group gradients (memory ``m x |p|``; ``d`` is a weighted sum), or
+- keeps nothing but ``A`` and ``Bk`` and recomputes ``d`` as one more weight-gradient GEMM with
+  ``Bk_i`` scaled by ``w_{k(i)}`` (the book-keeping mode),
+
+choosing "keep" in parameter order while the kept bytes stay within ``memory_budget``.
+
+Exactness: a parameter is served by its rule only if every use of it in the autograd graph is a
+recorded call whose input and output have the batch dimension B first and whose input was not
+modified in place; every other trainable parameter goes to the exact fallback (per-group autograd
+restricted to those parameters), named in ``fallback`` with the reason. A layer that mixes samples
+(BatchNorm in training mode) makes the whole step use the reference loop engine, with a warning.
+What the engine cannot see: a loss that couples samples (in-batch negatives) or a layer that
+mixes samples without being a BatchNorm; use ``engine="loop"`` for those.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from torchgrain.engines._groups import GroupIndex
+from torchgrain.engines._hooks import Call, HookManager, count_uses
+from torchgrain.engines._loop import LoopEngine
+from torchgrain.engines.rules import find_rule
+from torchgrain.engines.rules._base import GroupGrad, add, gram_of, nbytes, weighted_sum
+
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of kept group gradients (1 GiB)
+
+
+class FusedEngine:
+    """One-backward group Gram with per-layer rules; see the module docstring.
+
+    Args:
+        model: the model (hooked once, at construction, by a :class:`HookManager`).
+        memory_budget: bytes of group gradients the engine may keep between ``gram`` and
+            ``combine``; parameters past it use the book-keeping mode. ``0`` keeps none.
+        expand_broadcast: see :class:`HookManager`.
+    """
+
+    name = "fused"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        memory_budget: float = DEFAULT_MEMORY_BUDGET,
+        expand_broadcast: bool = True,
+    ) -> None:
+        self.hooks = HookManager(model, find_rule, expand_broadcast)
+        self.memory_budget = memory_budget
+        self._owner: dict[int, tuple[str, nn.Module]] = {}  # id(param) -> (qualified name, module)
+        for name, module in model.named_modules():
+            for pname, p in module.named_parameters(recurse=False):
+                self._owner.setdefault(id(p), (f"{name}.{pname}" if name else pname, module))
+        self._warned: set[str] = set()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.fallback: dict[str, str] = {}  # parameter name -> why it used the exact fallback
+        self.kept_bytes = 0
+        self._params: list[Tensor] = []
+        self._delegate: LoopEngine | None = None
+        self._kept: dict[int, GroupGrad] = {}  # param index -> group gradients
+        self._recompute: dict[int, list[tuple[Call, str, Tensor]]] = {}  # index -> (call, name, Bk)
+        self._fallback_grads: dict[int, Tensor] = {}  # index -> (m, *shape)
+        self._reached: list[bool] = []
+        self._groups: GroupIndex | None = None
+
+    def close(self) -> None:
+        self.hooks.remove()
+
+    def release(self) -> None:
+        """Drop the recorded calls and anything kept for ``combine``."""
+        self.hooks.take()
+        self._reset()
+
+    # --------------------------------------------------------------------------------- gram
+    def gram(self, losses: Tensor, groups: GroupIndex, params: list[Tensor]) -> Tensor:
+        self._reset()
+        self._params, self._groups = params, groups
+        calls, mixing = self.hooks.take()
+        if groups.m == 1:  # d is the plain gradient: one ordinary backward, bit for bit
+            self._delegate = LoopEngine()
+            return self._delegate.gram(losses, groups, params)
+        if mixing:
+            reason = "; ".join(sorted(mixing))
+            if reason not in self._warned:
+                self._warned.add(reason)
+                warnings.warn(
+                    f"{reason}: GRAIN uses the exact loop engine (m backward passes) for "
+                    "this model; use GroupNorm/LayerNorm or put BatchNorm in eval mode for "
+                    "the one-backward engine",
+                    stacklevel=4,
+                )
+            self._delegate = LoopEngine()
+            self.fallback = {self._name(p): reason for p in params}
+            return self._delegate.gram(losses, groups, params)
+
+        group_losses = groups.group_means(losses)  # (m,)
+        index = {id(p): i for i, p in enumerate(params)}
+        covered = self._cover(calls, index, groups.batch_size)
+        uses = count_uses(group_losses.grad_fn, params)
+        rule_params: dict[int, list[tuple[Call, str]]] = {}
+        fallback: list[int] = []
+        for i, p in enumerate(params):
+            n_uses, mine = uses.get(id(p), 0), covered.get(i, [])
+            if n_uses == 0:
+                continue  # unreached
+            why: str | None = self.fallback.get(self._name(p))
+            if why is None and not mine:
+                owner = self._owner.get(id(p), ("", None))[1]
+                why = (
+                    f"no rule for {type(owner).__name__}"
+                    if owner not in self.hooks.rules
+                    else "its layer was not called with a positional tensor input"
+                )
+            elif why is None and len(mine) != n_uses:
+                why = f"used {n_uses} times in the graph but {len(mine)} times through its layer"
+            if why is None:
+                rule_params[i] = mine
+            else:
+                self.fallback[self._name(p)] = why
+                fallback.append(i)
+        self._reached = [uses.get(id(p), 0) > 0 for p in params]
+
+        m = groups.m
+        gram = torch.zeros(m, m, dtype=torch.float64, device=losses.device)
+        edges = list({id(c): c for calls_ in rule_params.values() for c, _ in calls_}.values())
+        if fallback:
+            self._fallback_grads = self._per_group_autograd(
+                group_losses, [params[i] for i in fallback], fallback, retain_last=bool(edges)
+            )
+            for stack in self._fallback_grads.values():
+                gram += gram_of(stack)
+        if edges:
+            bks = torch.autograd.grad(
+                group_losses.sum(), [c.edge for c in edges], allow_unused=True
+            )
+            bk_of: dict[int, Tensor] = {id(c): bk for c, bk in zip(edges, bks, strict=True)}
+            gram += self._rule_grams(rule_params, bk_of, groups)
+        return gram
+
+    def _cover(
+        self, calls: list[Call], index: dict[int, int], B: int
+    ) -> dict[int, list[tuple[Call, str]]]:
+        """param index -> its recorded (call, param name) pairs; sets fallback reasons."""
+        covered: dict[int, list[tuple[Call, str]]] = {}
+        for call in calls:
+            rule = self.hooks.rules[call.module]
+            problem = None
+            if call.A.shape[0] != B or call.out_batch != B:
+                problem = (
+                    f"{call.name} saw batch size {call.A.shape[0]} (input) / {call.out_batch} "
+                    f"(output), not B={B}"
+                )
+            elif call.modified:
+                problem = f"the input of {call.name} was modified in place after the layer used it"
+            for pname in rule.param_names(call.module):
+                i = index.get(id(call.module._parameters[pname]))
+                if i is None:
+                    continue
+                covered.setdefault(i, []).append((call, pname))
+                if problem:
+                    self.fallback.setdefault(self._name(self._params[i]), problem)
+        return covered
+
+    def _rule_grams(
+        self,
+        rule_params: dict[int, list[tuple[Call, str]]],
+        bk_of: dict[int, Tensor],
+        groups: GroupIndex,
+    ) -> Tensor:
+        gram = torch.zeros(groups.m, groups.m, dtype=torch.float64, device=groups.ids.device)
+        pending: dict[int, GroupGrad | None] = {}
+        remaining = {i: len(v) for i, v in rule_params.items()}
+        users: dict[int, list[tuple[int, str]]] = {}
+        calls: dict[int, Call] = {}
+        for i, pairs in rule_params.items():
+            for call, pname in pairs:
+                users.setdefault(id(call), []).append((i, pname))
+                calls[id(call)] = call
+        for key, call in calls.items():
+            bk = bk_of[key]
+            if bk is None:  # this call's output does not reach the losses
+                for i, _ in users[key]:
+                    remaining[i] -= 1
+                continue
+            rule = self.hooks.rules[call.module]
+            grads = rule.group_grads(call.module, call.A, bk, groups)
+            for i, pname in users[key]:
+                shape = self._params[i].shape
+                pending[i] = add(pending.get(i), grads[pname], shape)
+                self._recompute.setdefault(i, []).append((call, pname, bk))
+                remaining[i] -= 1
+                if remaining[i] == 0:  # every call of this parameter is in: its Gram, keep or not
+                    total = pending.pop(i)
+                    if total is None:
+                        continue
+                    gram += gram_of(total)
+                    size = nbytes(total)
+                    if self.kept_bytes + size <= self.memory_budget:
+                        self.kept_bytes += size
+                        self._kept[i] = total
+                        del self._recompute[i]
+            del grads
+        return gram
+
+    @staticmethod
+    def _per_group_autograd(
+        group_losses: Tensor, params: list[Tensor], idx: list[int], retain_last: bool
+    ) -> dict[int, Tensor]:
+        m = group_losses.shape[0]
+        per_group = [
+            torch.autograd.grad(
+                group_losses[k], params, retain_graph=retain_last or k < m - 1, allow_unused=True
+            )
+            for k in range(m)
+        ]
+        return {
+            i: torch.stack([torch.zeros_like(p) if g[j] is None else g[j] for g in per_group])
+            for j, (i, p) in enumerate(zip(idx, params, strict=True))
+        }
+
+    def reached(self) -> list[bool]:
+        if self._delegate is not None:
+            return self._delegate.reached()
+        return self._reached
+
+    # ------------------------------------------------------------------------------ combine
+    def combine(self, weights: Tensor) -> list[Tensor | None]:
+        if self._delegate is not None:
+            delegated = self._delegate.combine(weights)
+            self._reset()
+            return delegated
+        assert self._groups is not None
+        per_sample = weights[self._groups.ids]  # (B,) w_{k(i)}
+        out: list[Tensor | None] = [None] * len(self._params)
+        for i, grads in self._kept.items():
+            out[i] = weighted_sum(weights, grads, self._params[i].shape).to(self._params[i].dtype)
+        for i, stack in self._fallback_grads.items():
+            out[i] = torch.tensordot(weights.to(stack.dtype), stack, dims=1)
+        for i, entries in self._recompute.items():
+            total: Tensor | None = None
+            for call, pname, bk in entries:
+                scaled = bk * per_sample.to(bk.dtype).reshape(-1, *([1] * (bk.dim() - 1)))
+                part = self.hooks.rules[call.module].combine(call.module, call.A, scaled)[pname]
+                total = part if total is None else total + part
+            out[i] = None if total is None else total.to(self._params[i].dtype)
+        self._reset()
+        return out
+
+    def _name(self, p: Tensor) -> str:
+        return self._owner.get(id(p), (f"param@{id(p):x}", None))[0]

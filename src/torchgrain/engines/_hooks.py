@@ -1,0 +1,164 @@
+"""Forward hooks that record, for every call of a layer with a rule, its input and the autograd
+edge of its output — owned by one manager that removes them. Nothing is stored on the user's
+modules or parameters."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def paused() -> Iterator[None]:
+    """Calls made inside are not recorded (the rules re-run layers this way)."""
+    before = getattr(_state, "paused", False)
+    _state.paused = True
+    try:
+        yield
+    finally:
+        _state.paused = before
+
+
+@dataclass
+class Call:
+    """One recorded call of a layer: ``A`` ``(B, ...)`` and the edge of its output ``(B, ...)``."""
+
+    name: str
+    module: nn.Module
+    A: Tensor
+    edge: GradientEdge
+    out_batch: int
+    expanded: bool  # the output had batch size 1 and was broadcast to the batch by the hook
+    version: int  # A's version counter when recorded: a later in-place change invalidates A
+
+    @property
+    def modified(self) -> bool:
+        return self.A._version != self.version
+
+
+class HookManager:
+    """Records layer calls during the forward passes between two GRAIN steps.
+
+    Args:
+        model: the model whose layers are hooked.
+        rule_for: ``module -> rule or None`` (the registry's lookup).
+        expand_broadcast: a layer applied to an input with batch size 1 inside a batch of B (e.g.
+            position ids of shape ``(1, T)``) gets its output expanded to ``(B, ...)``, so that
+            its output gradient arrives per sample; the values seen downstream are the same.
+    """
+
+    def __init__(self, model: nn.Module, rule_for: Any, expand_broadcast: bool = True) -> None:
+        self.calls: list[Call] = []
+        self.mixing: set[str] = set()
+        self.expand_broadcast = expand_broadcast
+        self.rules: dict[nn.Module, Any] = {}
+        self._batch = 0
+        handles = []
+        for name, module in model.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                handles.append(module.register_forward_hook(self._batchnorm_hook))
+                continue
+            rule = rule_for(module)
+            if rule is not None and rule.param_names(module):
+                self.rules[module] = rule
+                handles.append(module.register_forward_hook(self._make_hook(name)))
+        self._finalizer = weakref.finalize(self, _remove, handles)
+
+    def _make_hook(self, name: str) -> Any:
+        manager = weakref.ref(self)
+
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            self_ = manager()
+            if self_ is not None:
+                return self_._record(name, module, args, output)
+            return None
+
+        return hook
+
+    def _record(self, name: str, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        if getattr(_state, "paused", False) or not torch.is_grad_enabled():
+            return None
+        if not args or not isinstance(args[0], Tensor) or args[0].dim() == 0:
+            return None  # not recorded: its parameters go to the exact fallback
+        if not isinstance(output, Tensor) or output.dim() == 0 or not output.requires_grad:
+            return None
+        A = args[0]
+        self._batch = max(self._batch, A.shape[0])
+        expanded = (
+            self.expand_broadcast and self._batch > 1 and A.shape[0] == 1 and output.shape[0] == 1
+        )
+        if expanded:
+            A = A.expand(self._batch, *A.shape[1:])
+            output = output.expand(self._batch, *output.shape[1:])
+        edge = get_gradient_edge(output)
+        self.calls.append(
+            Call(name, module, A.detach(), edge, output.shape[0], expanded, A._version)
+        )
+        return output if expanded else None
+
+    def _batchnorm_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if module.training and torch.is_grad_enabled() and not getattr(_state, "paused", False):
+            self.mixing.add(
+                f"{type(module).__name__} in training mode mixes the samples of a batch"
+            )
+
+    def take(self) -> tuple[list[Call], set[str]]:
+        """The calls and sample-mixing reasons recorded since the last take, and forget them."""
+        calls, mixing = self.calls, self.mixing
+        self.calls, self.mixing, self._batch = [], set(), 0
+        return calls, mixing
+
+    def remove(self) -> None:
+        """Remove every hook (idempotent)."""
+        self._finalizer()
+        self.calls, self.mixing = [], set()
+
+
+def _remove(handles: list[Any]) -> None:
+    for handle in handles:
+        handle.remove()
+
+
+def count_uses(root: Any, params: list[Tensor]) -> dict[int, int]:
+    """How many times each parameter enters the autograd graph below ``root`` (a grad_fn).
+
+    A use is an edge into the parameter's ``AccumulateGrad`` node; a cast of the parameter
+    (autocast caches one cast per parameter and reuses it) counts the edges into the cast instead.
+    """
+    wanted = {id(p) for p in params}
+    parents: dict[Any, int] = {}  # node -> number of edges into it
+    seen = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            if child is not None:
+                parents[child] = parents.get(child, 0) + 1
+                stack.append(child)
+    uses: dict[int, int] = {}
+    for node, count in parents.items():
+        variable = getattr(node, "variable", None)
+        if variable is None or id(variable) not in wanted:
+            continue
+        uses[id(variable)] = uses.get(id(variable), 0) + count
+    # Casts: an edge into AccumulateGrad from a ToCopyBackward node stands for the cast's uses.
+    for node in seen:
+        if type(node).__name__.startswith("ToCopyBackward"):
+            for child, _ in node.next_functions:
+                variable = getattr(child, "variable", None)
+                if variable is not None and id(variable) in wanted:
+                    uses[id(variable)] += parents.get(node, 1) - 1
+    return uses

@@ -1,0 +1,133 @@
+"""What a layer rule is, how group gradients are represented, and the rule registry.
+
+A rule turns one call of a module — its input ``A`` ``(B, ...)`` and the gradient ``Bk``
+``(B, ...)`` of the summed group losses with respect to its output — into:
+
+- ``group_grads``: per parameter, the m group gradients (a dense ``(m, *shape)`` tensor, or
+  :class:`Rows` for an embedding, whose group gradients touch only the batch's tokens);
+- ``combine``: per parameter, ``sum_i grad_i`` for an output gradient already scaled per sample
+  (``Bk_i * w_{k(i)}``), which is ``d`` without materialising the group gradients.
+
+Both are exact when the module treats the samples of the batch independently. Rules register by
+module type with :func:`register_rule`; :func:`find_rule` looks a module up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, Union
+
+import torch
+from torch import Tensor, nn
+
+from torchgrain.engines._groups import GroupIndex
+
+
+@dataclass
+class Rows:
+    """Group gradients of a matrix parameter that are zero outside some rows (embeddings).
+
+    Attributes:
+        index: ``(U,)`` distinct row indices.
+        values: ``(m, U, d)`` the group gradients on those rows.
+    """
+
+    index: Tensor
+    values: Tensor
+
+
+GroupGrad = Union[Tensor, Rows]  # noqa: UP007 - a runtime alias
+
+
+class Rule(Protocol):
+    def param_names(self, module: nn.Module) -> list[str]:
+        """The module's own trainable parameters this rule covers."""
+        ...
+
+    def group_grads(
+        self, module: nn.Module, A: Tensor, Bk: Tensor, groups: GroupIndex
+    ) -> dict[str, GroupGrad]:
+        """Per covered parameter, the ``(m, *shape)`` group gradients of this call."""
+        ...
+
+    def combine(self, module: nn.Module, A: Tensor, Bk: Tensor) -> dict[str, Tensor]:
+        """Per covered parameter, the gradient of this call summed over samples."""
+        ...
+
+
+_RULES: list[tuple[Callable[[nn.Module], bool], Rule]] = []
+
+
+def register_rule(match: type | Callable[[nn.Module], bool]) -> Callable[[type], type]:
+    """Class decorator: register a rule for a module type (exact type or subclass) or predicate.
+    Later registrations win, so a user's rule can override a built-in one."""
+
+    def predicate(module: nn.Module) -> bool:
+        if isinstance(match, type):
+            return isinstance(module, match)
+        return bool(match(module))
+
+    def decorate(cls: type) -> type:
+        _RULES.insert(0, (predicate, cls()))
+        return cls
+
+    return decorate
+
+
+def find_rule(module: nn.Module) -> Rule | None:
+    for predicate, rule in _RULES:
+        if predicate(module):
+            return rule
+    return None
+
+
+def trainable(module: nn.Module, *names: str) -> list[str]:
+    """The names among ``names`` that are trainable parameters of the module itself."""
+    out = []
+    for name in names:
+        p = module._parameters.get(name)
+        if p is not None and p.requires_grad:
+            out.append(name)
+    return out
+
+
+def to_dense(grad: GroupGrad, shape: torch.Size) -> Tensor:
+    """``(m, *shape)`` dense group gradients."""
+    if isinstance(grad, Tensor):
+        return grad
+    m, _, d = grad.values.shape
+    dense = grad.values.new_zeros(m, shape[0], d)
+    return dense.index_add_(1, grad.index, grad.values)
+
+
+def add(a: GroupGrad | None, b: GroupGrad, shape: torch.Size) -> GroupGrad:
+    """The sum of two calls' group gradients of one parameter (tied or reused weights)."""
+    if a is None:
+        return b
+    if isinstance(a, Rows) and isinstance(b, Rows):
+        index, inverse = torch.unique(torch.cat([a.index, b.index]), return_inverse=True)
+        values = a.values.new_zeros(a.values.shape[0], index.shape[0], a.values.shape[2])
+        values.index_add_(1, inverse, torch.cat([a.values, b.values], dim=1))
+        return Rows(index, values)
+    return to_dense(a, shape) + to_dense(b, shape)
+
+
+def gram_of(grad: GroupGrad) -> Tensor:
+    """``(m, m)`` float64 Gram of the group gradients."""
+    values = grad.values if isinstance(grad, Rows) else grad
+    flat = values.reshape(values.shape[0], -1).to(torch.float64)  # (m, P)
+    return flat @ flat.T
+
+
+def weighted_sum(weights: Tensor, grad: GroupGrad, shape: torch.Size) -> Tensor:
+    """``sum_k w_k g_k`` as a dense tensor of the parameter's shape."""
+    if isinstance(grad, Tensor):
+        return torch.tensordot(weights.to(grad.dtype), grad, dims=1)
+    rows = torch.tensordot(weights.to(grad.values.dtype), grad.values, dims=1)  # (U, d)
+    return rows.new_zeros(shape).index_add_(0, grad.index, rows)
+
+
+def nbytes(grad: GroupGrad) -> int:
+    values = grad.values if isinstance(grad, Rows) else grad
+    return values.numel() * values.element_size()
