@@ -107,8 +107,8 @@ class FusedEngine:
 
         group_losses = groups.group_means(losses)  # (m,)
         index = {id(p): i for i, p in enumerate(params)}
-        covered = self._cover(calls, index, groups.batch_size)
-        uses = count_uses(group_losses.grad_fn, params)
+        uses, graph = count_uses(group_losses.grad_fn, params)
+        covered = self._cover(calls, index, groups.batch_size, graph)
         rule_params: dict[int, list[tuple[Call, str]]] = {}
         fallback: list[int] = []
         for i, p in enumerate(params):
@@ -145,12 +145,15 @@ class FusedEngine:
             bks = torch.autograd.grad(
                 group_losses.sum(), [c.edge for c in edges], allow_unused=True
             )
-            bk_of: dict[int, Tensor] = {id(c): bk for c, bk in zip(edges, bks, strict=True)}
+            bk_of: dict[int, Tensor] = {
+                id(c): None if bk is None else bk.reshape(c.out_shape)  # type: ignore[misc]
+                for c, bk in zip(edges, bks, strict=True)
+            }
             gram += self._rule_grams(rule_params, bk_of, groups)
         return gram
 
     def _cover(
-        self, calls: list[Call], index: dict[int, int], B: int
+        self, calls: list[Call], index: dict[int, int], B: int, graph: set[object]
     ) -> dict[int, list[tuple[Call, str]]]:
         """param index -> its recorded (call, param name) pairs; sets fallback reasons."""
         covered: dict[int, list[tuple[Call, str]]] = {}
@@ -164,6 +167,8 @@ class FusedEngine:
                 )
             elif call.modified:
                 problem = f"the input of {call.name} was modified in place after the layer used it"
+            elif call.edge.node not in graph:
+                problem = f"the output of {call.name} does not reach the losses as recorded"
             for pname in rule.param_names(call.module):
                 i = index.get(id(call.module._parameters[pname]))
                 if i is None:

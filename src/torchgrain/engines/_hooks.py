@@ -37,9 +37,13 @@ class Call:
     module: nn.Module
     A: Tensor
     edge: GradientEdge
-    out_batch: int
+    out_shape: tuple[int, ...]  # the gradient at ``edge`` is reshaped to this
     expanded: bool  # the output had batch size 1 and was broadcast to the batch by the hook
     version: int  # A's version counter when recorded: a later in-place change invalidates A
+
+    @property
+    def out_batch(self) -> int:
+        return self.out_shape[0]
 
     @property
     def modified(self) -> bool:
@@ -100,9 +104,21 @@ class HookManager:
         if expanded:
             A = A.expand(self._batch, *A.shape[1:])
             output = output.expand(self._batch, *output.shape[1:])
-        edge = get_gradient_edge(output)
+        # The edge is taken now, so that a later in-place op on the output (ReLU(inplace=True))
+        # does not change what it points at. An output that is a reshaped view of a whole tensor
+        # (F.linear on 3-d inputs) is followed to that tensor: an in-place op on the view
+        # rebases the view's history and would leave the view's own node out of the graph.
+        base = output._base
+        whole = (
+            base is not None
+            and not expanded
+            and base.numel() == output.numel()
+            and base.is_contiguous()
+            and output.is_contiguous()
+        )
+        edge = get_gradient_edge(base if whole else output)
         self.calls.append(
-            Call(name, module, A.detach(), edge, output.shape[0], expanded, A._version)
+            Call(name, module, A.detach(), edge, tuple(output.shape), expanded, A._version)
         )
         return output if expanded else None
 
@@ -129,8 +145,9 @@ def _remove(handles: list[Any]) -> None:
         handle.remove()
 
 
-def count_uses(root: Any, params: list[Tensor]) -> dict[int, int]:
-    """How many times each parameter enters the autograd graph below ``root`` (a grad_fn).
+def count_uses(root: Any, params: list[Tensor]) -> tuple[dict[int, int], set[Any]]:
+    """How many times each parameter enters the autograd graph below ``root`` (a grad_fn), and
+    the set of the graph's nodes.
 
     A use is an edge into the parameter's ``AccumulateGrad`` node; a cast of the parameter
     (autocast caches one cast per parameter and reuses it) counts the edges into the cast instead.
@@ -161,4 +178,4 @@ def count_uses(root: Any, params: list[Tensor]) -> dict[int, int]:
                 variable = getattr(child, "variable", None)
                 if variable is not None and id(variable) in wanted:
                     uses[id(variable)] += parents.get(node, 1) - 1
-    return uses
+    return uses, seen

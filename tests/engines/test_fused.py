@@ -1,0 +1,310 @@
+"""The fused one-backward engine against the reference loop engine, in float64, on a zoo of
+models: relative error <= 1e-6 for m in {1, 3, 8} with uneven groups, and the fallback named
+exactly where it must be used."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import torchgrain
+from tests._models import CNN, TiedLM, lm_losses, mlp, per_sample_ce
+
+
+@pytest.fixture(autouse=True)
+def _float64():  # type: ignore[no-untyped-def]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+@dataclass
+class Case:
+    build: Callable[[], nn.Module]
+    batch: Callable[[int], tuple[Tensor, ...]]  # B -> inputs
+    losses: Callable[[nn.Module, tuple[Tensor, ...]], Tensor]  # (B,)
+    fallback: set[str] = field(default_factory=set)  # parameters that must use the fallback
+
+
+class Scale(nn.Module):
+    """A parametrised module no rule knows."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gain
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _hf_bert() -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=24, max_position_embeddings=16, num_labels=3,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(config).double()
+
+
+def _hf_gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config).double()
+
+
+def _hf_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+                         tie_word_embeddings=True)
+    return LlamaForCausalLM(config).double()
+
+
+def _lora_bert() -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(_hf_bert(), LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"],
+                                                 lora_dropout=0.0, modules_to_save=["classifier"]))
+
+
+def _seq_cls_losses(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
+    ids, mask, labels = batch
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    return nn.functional.cross_entropy(logits, labels, reduction="none")
+
+
+def _causal_lm_losses(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
+    ids, mask = batch
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    token = nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")  # (B, T-1)
+    return token.sum(1) / (labels != -100).sum(1)
+
+
+def _tokens(B: int, T: int = 7, vocab: int = 40, seed: int = 0) -> tuple[Tensor, Tensor]:
+    ids = torch.randint(1, vocab, (B, T), generator=_gen(seed))
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[::3, -2:] = 0  # some padding
+    return ids, mask
+
+
+CASES: dict[str, Case] = {
+    "mlp_layernorm": Case(
+        lambda: mlp(),
+        lambda B: (torch.randn(B, 5, generator=_gen(1)), torch.randint(0, 3, (B,), generator=_gen(2))),
+        lambda m, b: per_sample_ce(m, *b),
+    ),
+    "mlp_inplace_relu_3d": Case(
+        lambda: nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 6), nn.ReLU(inplace=True),
+                              nn.Linear(6, 2)),
+        lambda B: (torch.randn(B, 3, 4, generator=_gen(3)),),  # a token dimension
+        lambda m, b: m(b[0]).pow(2).mean((1, 2)),
+    ),
+    "cnn_groupnorm": Case(
+        lambda: CNN(batchnorm=False),
+        lambda B: (torch.randn(B, 1, 6, 6, generator=_gen(4)), torch.randint(0, 3, (B,), generator=_gen(5))),
+        lambda m, b: per_sample_ce(m, *b),
+    ),
+    "conv1d_reflect": Case(
+        lambda: nn.Sequential(nn.Conv1d(2, 3, 3, padding=1, padding_mode="reflect"), nn.Tanh(),
+                              nn.Conv1d(3, 2, 2, stride=2, bias=False), nn.Flatten(), nn.Linear(8, 2)),
+        lambda B: (torch.randn(B, 2, 8, generator=_gen(6)),),
+        lambda m, b: m(b[0]).pow(2).sum(1),
+    ),
+    "tied_embedding_lm": Case(
+        lambda: TiedLM(),
+        lambda B: (torch.randint(0, 11, (B, 6), generator=_gen(7)),),
+        lambda m, b: lm_losses(m, b[0]),
+    ),
+    "embedding_padding_idx": Case(
+        lambda: nn.Sequential(nn.Embedding(9, 4, padding_idx=0), nn.Flatten(), nn.Linear(12, 1)),
+        lambda B: (torch.randint(0, 9, (B, 3), generator=_gen(8)),),
+        lambda m, b: m(b[0]).squeeze(1).pow(2),
+    ),
+    "unsupported_module": Case(
+        lambda: nn.Sequential(nn.Linear(5, 4), Scale(4), nn.Tanh(), nn.Linear(4, 3)),
+        lambda B: (torch.randn(B, 5, generator=_gen(9)), torch.randint(0, 3, (B,), generator=_gen(10))),
+        lambda m, b: per_sample_ce(m, *b),
+        fallback={"1.gain"},
+    ),
+    "hf_bert": Case(_hf_bert, lambda B: (*_tokens(B), torch.randint(0, 3, (B,), generator=_gen(11))), _seq_cls_losses),
+    "hf_gpt2": Case(_hf_gpt2, lambda B: _tokens(B, seed=12), _causal_lm_losses),
+    "hf_llama": Case(_hf_llama, lambda B: _tokens(B, seed=13), _causal_lm_losses),
+    "peft_lora_bert": Case(_lora_bert, lambda B: (*_tokens(B, seed=14), torch.randint(0, 3, (B,), generator=_gen(15))),
+                           _seq_cls_losses),
+}
+
+GROUPINGS = {  # m -> (B, explicit uneven group ids or None for contiguous)
+    1: (5, None),
+    3: (10, None),  # sizes 4, 3, 3
+    8: (12, torch.tensor([0, 0, 0, 0, 1, 2, 3, 3, 4, 5, 6, 7])),
+}
+
+
+def _grads(model: nn.Module) -> list[Tensor]:
+    return [p.grad.clone() for p in model.parameters() if p.requires_grad and p.grad is not None]
+
+
+def _run(case: Case, model: nn.Module, engine: str, m: int, **kwargs) -> tuple[torchgrain.GrainStats, list[Tensor]]:  # type: ignore[no-untyped-def]
+    B, groups = GROUPINGS[m]
+    grain = torchgrain.GRAIN(model, num_groups=m, engine=engine, **kwargs)
+    stats = grain.backward(case.losses(model, case.batch(B)), groups)
+    grain.close()
+    return stats, _grads(model)
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-300))
+
+
+def _assert_grads_close(got: list[Tensor], ref: list[Tensor], tol: float = 1e-6) -> None:
+    """Relative error <= tol per parameter, measured against the whole gradient's norm for
+    parameters whose gradient is zero up to rounding (e.g. an unused token-type row: 1e-23)."""
+    assert len(got) == len(ref)
+    total = float(torch.cat([r.flatten() for r in ref]).norm())
+    for a, b in zip(got, ref, strict=True):
+        assert float((a - b).norm()) <= tol * max(float(b.norm()), 1e-9 * total)
+
+
+@pytest.mark.parametrize("m", sorted(GROUPINGS))
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_fused_equals_loop(name: str, m: int) -> None:
+    if name.startswith(("hf_", "peft_")):
+        pytest.importorskip("transformers")
+        pytest.importorskip("peft")
+    case = CASES[name]
+    torch.manual_seed(0)
+    model = case.build()
+    ref_stats, ref = _run(case, copy.deepcopy(model), "loop", m)
+    stats, got = _run(case, model, "fused", m)
+    assert stats.engine == "fused"
+    assert set(stats.fallback) == (case.fallback if m > 1 else set())
+    assert _rel(stats.gram, ref_stats.gram) <= 1e-6
+    _assert_grads_close(got, ref)
+
+
+@pytest.mark.parametrize("budget", [0, float("inf")], ids=["bookkeeping", "keep"])
+@pytest.mark.parametrize("name", ["hf_gpt2", "tied_embedding_lm", "cnn_groupnorm"])
+def test_memory_modes_agree(name: str, budget: float) -> None:
+    if name.startswith("hf_"):
+        pytest.importorskip("transformers")
+    case = CASES[name]
+    torch.manual_seed(0)
+    model = case.build()
+    _, ref = _run(case, copy.deepcopy(model), "loop", 8)
+    _, got = _run(case, model, "fused", 8, memory_budget=budget)
+    _assert_grads_close(got, ref)
+
+
+def test_batchnorm_routes_to_the_loop_engine_with_a_warning() -> None:
+    torch.manual_seed(0)
+    model = CNN(batchnorm=True)
+    x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))
+    ref = copy.deepcopy(model)
+    torchgrain.GRAIN(ref, num_groups=4, engine="loop").backward(per_sample_ce(ref, x, y))
+    grain = torchgrain.GRAIN(model, num_groups=4)
+    with pytest.warns(UserWarning, match="BatchNorm2d in training mode mixes the samples.*loop engine"):
+        stats = grain.backward(per_sample_ce(model, x, y))
+    assert "conv.weight" in stats.fallback
+    for a, b in zip(_grads(model), _grads(ref), strict=True):
+        torch.testing.assert_close(a, b)
+    model.eval()  # in eval mode BatchNorm is per-sample: the fused path, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert grain.backward(per_sample_ce(model, x, y)).fallback == {"norm.weight": "no rule for BatchNorm2d", "norm.bias": "no rule for BatchNorm2d"}
+
+
+def test_weight_used_outside_its_layer_goes_to_the_fallback() -> None:
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return nn.functional.linear(torch.tanh(self.proj(x)), self.proj.weight)  # reused functionally
+
+    torch.manual_seed(0)
+    model = Shared()
+    x = torch.randn(6, 4)
+    ref = copy.deepcopy(model)
+    torchgrain.GRAIN(ref, num_groups=3, engine="loop").backward(ref(x).pow(2).sum(1))
+    stats = torchgrain.GRAIN(model, num_groups=3).backward(model(x).pow(2).sum(1))
+    assert stats.fallback == {"proj.weight": "used 2 times in the graph but 1 times through its layer"}
+    for a, b in zip(_grads(model), _grads(ref), strict=True):
+        assert _rel(a, b) <= 1e-10
+
+
+def test_broadcast_input_without_expansion_goes_to_the_fallback() -> None:
+    """A layer applied to a (1, T) input inside a batch of B: its output gradient arrives summed
+    over the batch. With expand_broadcast=False the fused engine must notice and fall back."""
+
+    class Positional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tok = nn.Embedding(10, 4)
+            self.pos = nn.Embedding(5, 4)
+            self.head = nn.Linear(4, 1)
+
+        def forward(self, ids: Tensor) -> Tensor:
+            positions = torch.arange(ids.shape[1]).unsqueeze(0)  # (1, T)
+            return self.head(self.tok(ids) + self.pos(positions)).squeeze(-1).pow(2).mean(1)
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 10, (6, 5))
+    model = Positional()
+    ref = copy.deepcopy(model)
+    torchgrain.GRAIN(ref, num_groups=3, engine="loop").backward(ref(ids))
+    for expand in (True, False):
+        candidate = copy.deepcopy(model)
+        grain = torchgrain.GRAIN(candidate, num_groups=3)
+        grain._engine.hooks.expand_broadcast = expand  # type: ignore[attr-defined]
+        stats = grain.backward(candidate(ids))
+        assert ("pos.weight" in stats.fallback) is (not expand)
+        for a, b in zip(_grads(candidate), _grads(ref), strict=True):
+            assert _rel(a, b) <= 1e-10
+
+
+def test_hooks_are_removed_and_no_state_is_left_on_the_model() -> None:
+    model = mlp()
+    before = {name: set(vars(mod)) for name, mod in model.named_modules()}
+    grain = torchgrain.GRAIN(model, num_groups=2)
+    assert any(mod._forward_hooks for mod in model.modules())
+    grain.close()
+    assert not any(mod._forward_hooks for mod in model.modules())
+    assert {name: set(vars(mod)) for name, mod in model.named_modules()} == before
+    with torchgrain.GRAIN(model, num_groups=2):
+        pass
+    assert not any(mod._forward_hooks for mod in model.modules())
+
+
+def test_bf16_autocast_stays_close_to_float32() -> None:
+    torch.set_default_dtype(torch.float32)
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = _hf_bert().float()
+    batch = (*_tokens(8), torch.randint(0, 3, (8,), generator=_gen(11)))
+    ref = copy.deepcopy(model)
+    torchgrain.GRAIN(ref, num_groups=4).backward(_seq_cls_losses(ref, batch))
+    grain = torchgrain.GRAIN(model, num_groups=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = _seq_cls_losses(model, batch)
+    stats = grain.backward(losses.float())
+    assert not stats.fallback
+    flat = torch.cat([g.flatten() for g in _grads(model)])
+    flat_ref = torch.cat([g.flatten() for g in _grads(ref)])
+    assert _rel(flat, flat_ref) <= 0.1
+    assert float(torch.nn.functional.cosine_similarity(flat, flat_ref, dim=0)) >= 0.99
