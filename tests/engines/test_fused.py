@@ -51,34 +51,65 @@ def _gen(seed: int) -> torch.Generator:
 def _hf_bert() -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
-    config = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=24, max_position_embeddings=16, num_labels=3,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = BertConfig(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=16,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return BertForSequenceClassification(config).double()
 
 
 def _hf_gpt2() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = GPT2Config(
+        vocab_size=40,
+        n_positions=16,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return GPT2LMHeadModel(config).double()
 
 
 def _hf_llama() -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=16,
+        tie_word_embeddings=True,
+    )
     return LlamaForCausalLM(config).double()
 
 
 def _lora_bert() -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(_hf_bert(), LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"],
-                                                 lora_dropout=0.0, modules_to_save=["classifier"]))
+    return get_peft_model(
+        _hf_bert(),
+        LoraConfig(
+            r=2,
+            lora_alpha=4,
+            target_modules=["query", "value"],
+            lora_dropout=0.0,
+            modules_to_save=["classifier"],
+        ),
+    )
 
 
 def _seq_cls_losses(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
@@ -91,7 +122,9 @@ def _causal_lm_losses(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
     ids, mask = batch
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
     labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    token = nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")  # (B, T-1)
+    token = nn.functional.cross_entropy(
+        logits.transpose(1, 2), labels, reduction="none"
+    )  # (B, T-1)
     return token.sum(1) / (labels != -100).sum(1)
 
 
@@ -105,23 +138,39 @@ def _tokens(B: int, T: int = 7, vocab: int = 40, seed: int = 0) -> tuple[Tensor,
 CASES: dict[str, Case] = {
     "mlp_layernorm": Case(
         lambda: mlp(),
-        lambda B: (torch.randn(B, 5, generator=_gen(1)), torch.randint(0, 3, (B,), generator=_gen(2))),
+        lambda B: (
+            torch.randn(B, 5, generator=_gen(1)),
+            torch.randint(0, 3, (B,), generator=_gen(2)),
+        ),
         lambda m, b: per_sample_ce(m, *b),
     ),
     "mlp_inplace_relu_3d": Case(
-        lambda: nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 6), nn.ReLU(inplace=True),
-                              nn.Linear(6, 2)),
+        lambda: nn.Sequential(
+            nn.Linear(4, 6),
+            nn.ReLU(inplace=True),
+            nn.Linear(6, 6),
+            nn.ReLU(inplace=True),
+            nn.Linear(6, 2),
+        ),
         lambda B: (torch.randn(B, 3, 4, generator=_gen(3)),),  # a token dimension
         lambda m, b: m(b[0]).pow(2).mean((1, 2)),
     ),
     "cnn_groupnorm": Case(
         lambda: CNN(batchnorm=False),
-        lambda B: (torch.randn(B, 1, 6, 6, generator=_gen(4)), torch.randint(0, 3, (B,), generator=_gen(5))),
+        lambda B: (
+            torch.randn(B, 1, 6, 6, generator=_gen(4)),
+            torch.randint(0, 3, (B,), generator=_gen(5)),
+        ),
         lambda m, b: per_sample_ce(m, *b),
     ),
     "conv1d_reflect": Case(
-        lambda: nn.Sequential(nn.Conv1d(2, 3, 3, padding=1, padding_mode="reflect"), nn.Tanh(),
-                              nn.Conv1d(3, 2, 2, stride=2, bias=False), nn.Flatten(), nn.Linear(8, 2)),
+        lambda: nn.Sequential(
+            nn.Conv1d(2, 3, 3, padding=1, padding_mode="reflect"),
+            nn.Tanh(),
+            nn.Conv1d(3, 2, 2, stride=2, bias=False),
+            nn.Flatten(),
+            nn.Linear(8, 2),
+        ),
         lambda B: (torch.randn(B, 2, 8, generator=_gen(6)),),
         lambda m, b: m(b[0]).pow(2).sum(1),
     ),
@@ -137,15 +186,25 @@ CASES: dict[str, Case] = {
     ),
     "unsupported_module": Case(
         lambda: nn.Sequential(nn.Linear(5, 4), Scale(4), nn.Tanh(), nn.Linear(4, 3)),
-        lambda B: (torch.randn(B, 5, generator=_gen(9)), torch.randint(0, 3, (B,), generator=_gen(10))),
+        lambda B: (
+            torch.randn(B, 5, generator=_gen(9)),
+            torch.randint(0, 3, (B,), generator=_gen(10)),
+        ),
         lambda m, b: per_sample_ce(m, *b),
         fallback={"1.gain"},
     ),
-    "hf_bert": Case(_hf_bert, lambda B: (*_tokens(B), torch.randint(0, 3, (B,), generator=_gen(11))), _seq_cls_losses),
+    "hf_bert": Case(
+        _hf_bert,
+        lambda B: (*_tokens(B), torch.randint(0, 3, (B,), generator=_gen(11))),
+        _seq_cls_losses,
+    ),
     "hf_gpt2": Case(_hf_gpt2, lambda B: _tokens(B, seed=12), _causal_lm_losses),
     "hf_llama": Case(_hf_llama, lambda B: _tokens(B, seed=13), _causal_lm_losses),
-    "peft_lora_bert": Case(_lora_bert, lambda B: (*_tokens(B, seed=14), torch.randint(0, 3, (B,), generator=_gen(15))),
-                           _seq_cls_losses),
+    "peft_lora_bert": Case(
+        _lora_bert,
+        lambda B: (*_tokens(B, seed=14), torch.randint(0, 3, (B,), generator=_gen(15))),
+        _seq_cls_losses,
+    ),
 }
 
 GROUPINGS = {  # m -> (B, explicit uneven group ids or None for contiguous)
@@ -159,7 +218,9 @@ def _grads(model: nn.Module) -> list[Tensor]:
     return [p.grad.clone() for p in model.parameters() if p.requires_grad and p.grad is not None]
 
 
-def _run(case: Case, model: nn.Module, engine: str, m: int, **kwargs) -> tuple[torchgrain.GrainStats, list[Tensor]]:  # type: ignore[no-untyped-def]
+def _run(
+    case: Case, model: nn.Module, engine: str, m: int, **kwargs
+) -> tuple[torchgrain.GrainStats, list[Tensor]]:  # type: ignore[no-untyped-def]
     B, groups = GROUPINGS[m]
     grain = torchgrain.GRAIN(model, num_groups=m, engine=engine, **kwargs)
     stats = grain.backward(case.losses(model, case.batch(B)), groups)
@@ -217,7 +278,9 @@ def test_batchnorm_routes_to_the_loop_engine_with_a_warning() -> None:
     ref = copy.deepcopy(model)
     torchgrain.GRAIN(ref, num_groups=4, engine="loop").backward(per_sample_ce(ref, x, y))
     grain = torchgrain.GRAIN(model, num_groups=4)
-    with pytest.warns(UserWarning, match="BatchNorm2d in training mode mixes the samples.*loop engine"):
+    with pytest.warns(
+        UserWarning, match="BatchNorm2d in training mode mixes the samples.*loop engine"
+    ):
         stats = grain.backward(per_sample_ce(model, x, y))
     assert "conv.weight" in stats.fallback
     for a, b in zip(_grads(model), _grads(ref), strict=True):
@@ -225,7 +288,10 @@ def test_batchnorm_routes_to_the_loop_engine_with_a_warning() -> None:
     model.eval()  # in eval mode BatchNorm is per-sample: the fused path, no warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert grain.backward(per_sample_ce(model, x, y)).fallback == {"norm.weight": "no rule for BatchNorm2d", "norm.bias": "no rule for BatchNorm2d"}
+        assert grain.backward(per_sample_ce(model, x, y)).fallback == {
+            "norm.weight": "no rule for BatchNorm2d",
+            "norm.bias": "no rule for BatchNorm2d",
+        }
 
 
 def test_weight_used_outside_its_layer_goes_to_the_fallback() -> None:
@@ -235,7 +301,9 @@ def test_weight_used_outside_its_layer_goes_to_the_fallback() -> None:
             self.proj = nn.Linear(4, 4)
 
         def forward(self, x: Tensor) -> Tensor:
-            return nn.functional.linear(torch.tanh(self.proj(x)), self.proj.weight)  # reused functionally
+            return nn.functional.linear(
+                torch.tanh(self.proj(x)), self.proj.weight
+            )  # reused functionally
 
     torch.manual_seed(0)
     model = Shared()
@@ -243,7 +311,9 @@ def test_weight_used_outside_its_layer_goes_to_the_fallback() -> None:
     ref = copy.deepcopy(model)
     torchgrain.GRAIN(ref, num_groups=3, engine="loop").backward(ref(x).pow(2).sum(1))
     stats = torchgrain.GRAIN(model, num_groups=3).backward(model(x).pow(2).sum(1))
-    assert stats.fallback == {"proj.weight": "used 2 times in the graph but 1 times through its layer"}
+    assert stats.fallback == {
+        "proj.weight": "used 2 times in the graph but 1 times through its layer"
+    }
     for a, b in zip(_grads(model), _grads(ref), strict=True):
         assert _rel(a, b) <= 1e-10
 
@@ -308,3 +378,28 @@ def test_bf16_autocast_stays_close_to_float32() -> None:
     flat_ref = torch.cat([g.flatten() for g in _grads(ref)])
     assert _rel(flat, flat_ref) <= 0.1
     assert float(torch.nn.functional.cosine_similarity(flat, flat_ref, dim=0)) >= 0.99
+
+
+def test_dropping_grain_removes_its_hooks() -> None:
+    import gc
+
+    model = mlp()
+    grain = torchgrain.GRAIN(model, num_groups=2)
+    assert any(mod._forward_hooks for mod in model.modules())
+    del grain
+    gc.collect()
+    assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in model.modules())
+
+
+def test_forward_without_grain_backward_does_not_spoil_the_next_step() -> None:
+    """A forward with grad enabled whose loss is backpropagated plainly leaves stale records; the
+    next GRAIN step must ignore them, not fall back (or break) because of them. A smaller batch
+    next (an epoch's last batch) must not be expanded to the old batch size either."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = _hf_bert()
+    grain = torchgrain.GRAIN(model, num_groups=2)
+    _seq_cls_losses(model, (*_tokens(6), torch.randint(0, 3, (6,)))).mean().backward()
+    batch = (*_tokens(4), torch.randint(0, 3, (4,)))
+    stats = grain.backward(_seq_cls_losses(model, batch))
+    assert stats.fallback == {}

@@ -121,7 +121,8 @@ class FusedEngine:
                 why = (
                     f"no rule for {type(owner).__name__}"
                     if owner not in self.hooks.rules
-                    else "its layer was not called with a positional tensor input"
+                    else "no recorded call of its layer reaches the losses (input passed by "
+                    "keyword, or its output modified in place through a view)"
                 )
             elif why is None and len(mine) != n_uses:
                 why = f"used {n_uses} times in the graph but {len(mine)} times through its layer"
@@ -146,7 +147,7 @@ class FusedEngine:
                 group_losses.sum(), [c.edge for c in edges], allow_unused=True
             )
             bk_of: dict[int, Tensor] = {
-                id(c): None if bk is None else bk.reshape(c.out_shape)  # type: ignore[misc]
+                id(c): None if bk is None else bk.reshape(c.out_shape)
                 for c, bk in zip(edges, bks, strict=True)
             }
             gram += self._rule_grams(rule_params, bk_of, groups)
@@ -158,6 +159,8 @@ class FusedEngine:
         """param index -> its recorded (call, param name) pairs; sets fallback reasons."""
         covered: dict[int, list[tuple[Call, str]]] = {}
         for call in calls:
+            if call.edge.node not in graph:
+                continue  # from a forward whose output these losses do not use
             rule = self.hooks.rules[call.module]
             problem = None
             if call.A.shape[0] != B or call.out_batch != B:
@@ -167,8 +170,6 @@ class FusedEngine:
                 )
             elif call.modified:
                 problem = f"the input of {call.name} was modified in place after the layer used it"
-            elif call.edge.node not in graph:
-                problem = f"the output of {call.name} does not reach the losses as recorded"
             for pname in rule.param_names(call.module):
                 i = index.get(id(call.module._parameters[pname]))
                 if i is None:

@@ -17,19 +17,23 @@ class GroupIndex:
         sizes: ``(m,)`` int64 samples per group (all > 0).
         order: ``(B,)`` a stable permutation that sorts the samples by group.
         counts: the sizes as Python ints (read once, when the index is built).
+        contiguous: the samples are already sorted by group (``order`` is the identity).
     """
 
     ids: Tensor
     sizes: Tensor
     order: Tensor
     counts: tuple[int, ...]
+    contiguous: bool
 
     @classmethod
     def build(cls, ids: Tensor, sizes: Tensor) -> GroupIndex:
-        # Host sync: the split sizes must be Python ints (one small read per step).
-        counts = tuple(int(c) for c in sizes.tolist())
         order = torch.sort(ids, stable=True).indices
-        return cls(ids=ids, sizes=sizes, order=order, counts=counts)
+        sorted_ = (ids[1:] >= ids[:-1]).all().long().reshape(1)
+        # Host sync: the split sizes must be Python ints, and whether the samples are already
+        # sorted by group decides whether tensors need a gather (one small read per step).
+        *counts, contiguous = torch.cat([sizes, sorted_]).tolist()
+        return cls(ids, sizes, order, tuple(counts), bool(contiguous))
 
     @property
     def m(self) -> int:
@@ -39,16 +43,13 @@ class GroupIndex:
     def batch_size(self) -> int:
         return int(self.ids.shape[0])
 
-    @property
-    def contiguous(self) -> bool:
-        """Whether the samples are already sorted by group (no gather needed)."""
-        return bool(
-            torch.equal(self.order, torch.arange(self.batch_size, device=self.order.device))
-        )
+    def sort(self, t: Tensor) -> Tensor:
+        """``(B, ...)`` with the samples ordered by group (no copy when they already are)."""
+        return t if self.contiguous else t.index_select(0, self.order)
 
     def split(self, t: Tensor) -> tuple[Tensor, ...]:
         """``(B, ...)`` -> m tensors ``(|S_k|, ...)``, one per group."""
-        return t.index_select(0, self.order).split(self.counts)
+        return self.sort(t).split(self.counts)
 
     def group_means(self, losses: Tensor) -> Tensor:
         """``(B,)`` per-sample losses -> ``(m,)`` group losses ``L_k = mean_{i in S_k} l_i``."""

@@ -5,6 +5,7 @@ modules or parameters."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import weakref
 from collections.abc import Iterator
@@ -67,27 +68,19 @@ class HookManager:
         self.expand_broadcast = expand_broadcast
         self.rules: dict[nn.Module, Any] = {}
         self._batch = 0
-        handles = []
+        # The model holds the hooks; the hooks hold the manager only weakly, so that dropping the
+        # GRAIN object removes them (weakref.finalize below).
+        handles = [model.register_forward_pre_hook(_weak(self._forward_starts))]
         for name, module in model.named_modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                handles.append(module.register_forward_hook(self._batchnorm_hook))
+                handles.append(module.register_forward_hook(_weak(self._batchnorm_hook)))
                 continue
             rule = rule_for(module)
             if rule is not None and rule.param_names(module):
                 self.rules[module] = rule
-                handles.append(module.register_forward_hook(self._make_hook(name)))
+                record = functools.partial(_weak(self._record), name)
+                handles.append(module.register_forward_hook(record))
         self._finalizer = weakref.finalize(self, _remove, handles)
-
-    def _make_hook(self, name: str) -> Any:
-        manager = weakref.ref(self)
-
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-            self_ = manager()
-            if self_ is not None:
-                return self_._record(name, module, args, output)
-            return None
-
-        return hook
 
     def _record(self, name: str, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         if getattr(_state, "paused", False) or not torch.is_grad_enabled():
@@ -122,6 +115,10 @@ class HookManager:
         )
         return output if expanded else None
 
+    def _forward_starts(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if not getattr(_state, "paused", False):
+            self._batch = 0  # the batch size is learnt anew from each forward's first layers
+
     def _batchnorm_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if module.training and torch.is_grad_enabled() and not getattr(_state, "paused", False):
             self.mixing.add(
@@ -138,6 +135,17 @@ class HookManager:
         """Remove every hook (idempotent)."""
         self._finalizer()
         self.calls, self.mixing = [], set()
+
+
+def _weak(method: Any) -> Any:
+    """A hook that calls ``method`` while its object lives, holding the object weakly."""
+    ref = weakref.WeakMethod(method)
+
+    def hook(*args: Any) -> Any:
+        bound = ref()
+        return None if bound is None else bound(*args)
+
+    return hook
 
 
 def _remove(handles: list[Any]) -> None:

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from torchgrain.engines._groups import GroupIndex
+from torchgrain.engines.rules._base import gram_of
 
 
 class LoopEngine:
@@ -52,8 +53,7 @@ class LoopEngine:
                 continue
             stack = torch.stack([torch.zeros_like(p) if g is None else g for g in grads])
             self._grads.append(stack)  # (m, *shape)
-            flat = stack.reshape(m, -1).to(torch.float64)  # (m, |p|)
-            gram += flat @ flat.T
+            gram += gram_of(stack)
         return gram
 
     def release(self) -> None:

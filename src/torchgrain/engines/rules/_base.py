@@ -14,6 +14,7 @@ module type with :func:`register_rule`; :func:`find_rule` looks a module up.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, Union
@@ -114,10 +115,24 @@ def add(a: GroupGrad | None, b: GroupGrad, shape: torch.Size) -> GroupGrad:
 
 
 def gram_of(grad: GroupGrad) -> Tensor:
-    """``(m, m)`` float64 Gram of the group gradients."""
+    """``(m, m)`` float64 Gram of the group gradients.
+
+    On the CPU, float32 (and half-precision) gradients are multiplied in float32 — a float64 copy
+    of ``m x |p|`` values and a float64 GEMM cost more than the rest of the engine — and the block
+    is redone in float64 when float32 cannot hold it: a squared norm that overflows (gradients
+    above ~1e19) or falls below 1e-30 (gradients below ~1e-15, or exactly zero). Elsewhere, and for
+    float64 gradients, the product is in float64.
+    """
     values = grad.values if isinstance(grad, Rows) else grad
-    flat = values.reshape(values.shape[0], -1).to(torch.float64)  # (m, P)
-    return flat @ flat.T
+    flat = values.reshape(values.shape[0], -1)  # (m, P)
+    if flat.dtype != torch.float64 and flat.device.type == "cpu":
+        low = flat.float()
+        block = low @ low.T
+        top = float(block.diagonal().max())  # a free read on the CPU
+        if math.isfinite(top) and top >= 1e-30:
+            return block.to(torch.float64)
+    wide = flat.to(torch.float64)
+    return wide @ wide.T
 
 
 def weighted_sum(weights: Tensor, grad: GroupGrad, shape: torch.Size) -> Tensor:

@@ -1,4 +1,4 @@
-"""Linear layers, any leading dims: ``y = A W^T + b``; also GPT-2's ``Conv1D`` (``y = A W + b``).
+"""Linear layers, any leading dims: ``y = A W^T + b``.
 
 Group k's weight gradient is the ordinary weight-gradient GEMM restricted to the group,
 ``M_k = sum_{i in S_k} Bk_i^T A_i``: the same FLOPs as one weight gradient, split m ways.
@@ -19,8 +19,8 @@ def _weight_grads(A: Tensor, Bk: Tensor, groups: GroupIndex) -> Tensor:
     d_in, d_out = A.shape[-1], Bk.shape[-1]
     if len(set(groups.counts)) == 1:  # equal sizes: one batched GEMM
         n = groups.counts[0] * (A.numel() // (A.shape[0] * d_in))
-        A_g = A.index_select(0, groups.order).reshape(groups.m, n, d_in)
-        B_g = Bk.index_select(0, groups.order).reshape(groups.m, n, d_out)
+        A_g = groups.sort(A).reshape(groups.m, n, d_in)
+        B_g = groups.sort(Bk).reshape(groups.m, n, d_out)
         return torch.bmm(B_g.transpose(1, 2), A_g)
     return torch.stack(
         [
@@ -61,28 +61,4 @@ class LinearRule:
             out["weight"] = Bk.reshape(-1, Bk.shape[-1]).T @ A.reshape(-1, A.shape[-1])
         if "bias" in names:
             out["bias"] = Bk.reshape(-1, Bk.shape[-1]).sum(0)
-        return out
-
-
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    cls = type(module)
-    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
-
-
-@register_rule(_is_hf_conv1d)
-class HFConv1DRule(LinearRule):
-    """Hugging Face ``Conv1D`` (GPT-2): a linear layer whose weight is stored ``(in, out)``."""
-
-    def group_grads(
-        self, module: nn.Module, A: Tensor, Bk: Tensor, groups: GroupIndex
-    ) -> dict[str, GroupGrad]:
-        out = super().group_grads(module, A, Bk, groups)
-        if "weight" in out:
-            out["weight"] = out["weight"].transpose(1, 2)  # type: ignore[union-attr]
-        return out
-
-    def combine(self, module: nn.Module, A: Tensor, Bk: Tensor) -> dict[str, Tensor]:
-        out = super().combine(module, A, Bk)
-        if "weight" in out:
-            out["weight"] = out["weight"].T
         return out

@@ -1,0 +1,179 @@
+"""Step time and peak memory of GRAIN's engines against plain mean-loss training, as ratios.
+
+The model is a MiniLM-size BERT encoder (6 layers, hidden 384, 12 heads, FFN 1536, vocab 30522:
+22.7M parameters, random weights: timing does not depend on them) with a classification head,
+trained with AdamW on B x T tokens, fully or with LoRA (r = 8 on query/value, PEFT). Every
+configuration runs in its own subprocess, one at a time, so that its peak resident memory is its
+own; the plain step is measured in the same run, and every figure is a ratio to it.
+
+    python benchmarks/step.py                    # B=32, T=128, m in 2 4 8 16 32 (CPU: ~15 min)
+    python benchmarks/step.py --batch 8 --tokens 32 --groups 2 8 --steps 2   # a quick look
+
+Columns: time = median step time / plain's; memory = peak RSS growth during the steps (over the
+RSS after building the model and optimizer) / plain's. TorchJD (optional: pip install torchjd)
+runs its autogram engine with MGDA on the same m group losses, and on the B per-sample losses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _build(args: argparse.Namespace, lora: bool):  # type: ignore[no-untyped-def]
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                        intermediate_size=1536, num_labels=5, attn_implementation="sdpa")
+    model = BertForSequenceClassification(config)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
+                                                 lora_dropout=0.0, modules_to_save=["classifier"]))
+    model.train()
+    return model
+
+
+def _worker(args: argparse.Namespace) -> dict[str, float]:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    method, m = args.method, args.m
+    lora = method.endswith("+lora")
+    base = method.removesuffix("+lora")
+    model = _build(args, lora)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1000, 30000, (args.batch, args.tokens), generator=gen)
+    labels = torch.randint(0, 5, (args.batch,), generator=gen)
+
+    step = None
+    if base.startswith("grain-"):
+        import torchgrain
+
+        engine, _, mode = base.removeprefix("grain-").partition("-")
+        budget = 0 if mode == "bookkeeping" else float("inf")
+        grain = torchgrain.GRAIN(model, num_groups=m, engine=engine, memory_budget=budget)
+        step = lambda losses: grain.backward(losses)  # noqa: E731
+    elif base.startswith("torchjd-"):
+        from torchjd.aggregation import MGDAWeighting
+        from torchjd.autogram import Engine
+
+        weighting = MGDAWeighting()
+        if base == "torchjd-samples":
+            engine = Engine(model, batch_dim=0)
+
+            def step(losses):  # type: ignore[no-untyped-def]
+                gramian = engine.compute_gramian(losses)
+                losses.backward(weighting(gramian))
+        else:
+            engine = Engine(model, batch_dim=None)
+            group = torch.arange(args.batch) * m // args.batch
+
+            def step(losses):  # type: ignore[no-untyped-def]
+                group_losses = torch.zeros(m).index_add(0, group, losses) / (args.batch / m)
+                gramian = engine.compute_gramian(group_losses)
+                group_losses.backward(weighting(gramian))
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for i in range(args.steps + 1):
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none")  # (B,)
+        if step is None:
+            losses.mean().backward()
+        else:
+            step(losses)
+        opt.step()
+        if i > 0:  # the first step is a warm-up (allocations, optimizer state)
+            times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"seconds": statistics.median(times), "peak_kb": peak, "growth_kb": peak - rss_before}
+
+
+CONFIGS = [
+    ("plain", None), ("grain-fused-keep", "m"), ("grain-fused-bookkeeping", "m"), ("grain-loop", "small"),
+    ("torchjd-groups", "m8"), ("torchjd-samples", None),
+    ("plain+lora", None), ("grain-fused-keep+lora", "m"), ("grain-fused-bookkeeping+lora", "m"),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=32, help="B, sequences per step")
+    parser.add_argument("--tokens", type=int, default=128, help="T, tokens per sequence")
+    parser.add_argument("--groups", type=int, nargs="+", default=[2, 4, 8, 16, 32], help="values of m")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration (median)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--only", nargs="*", help="run only these methods")
+    parser.add_argument("--csv", default="benchmarks/step.csv", help="where to write the table")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--m", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(_worker(args)))
+        return 0
+
+    rows = []
+    baseline: dict[bool, dict[str, float]] = {}
+    for method, grid in CONFIGS:
+        if args.only and method not in args.only:
+            continue
+        if method.startswith("torchjd"):
+            try:
+                import torchjd  # noqa: F401
+            except ImportError:
+                print(f"{method}: torchjd is not installed, skipped", file=sys.stderr)
+                continue
+        ms = {None: [1], "m": args.groups, "small": [m for m in args.groups if m <= 8],
+              "m8": [m for m in args.groups if m == 8]}[grid]
+        for m in ms:
+            cmd = [sys.executable, __file__, "--worker", "--method", method, "--m", str(m),
+                   "--batch", str(args.batch), "--tokens", str(args.tokens), "--steps", str(args.steps),
+                   "--threads", str(args.threads)]
+            done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+            if done.returncode != 0:
+                print(f"{method} m={m} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+                continue
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            lora = method.endswith("+lora")
+            if method.startswith("plain"):
+                baseline[lora] = result
+            ref = baseline.get(lora)
+            row = {"method": method, "m": m if grid else "", "seconds": result["seconds"],
+                   "peak_mb": result["peak_kb"] / 1024, "growth_mb": result["growth_kb"] / 1024,
+                   "time_ratio": result["seconds"] / ref["seconds"] if ref else float("nan"),
+                   "memory_ratio": result["growth_kb"] / ref["growth_kb"] if ref else float("nan")}
+            rows.append(row)
+            print(f"{method:30s} m={row['m']!s:3s} {row['seconds']:7.3f} s  time x{row['time_ratio']:.2f}  "
+                  f"step memory x{row['memory_ratio']:.2f} ({row['growth_mb']:.0f} MB; peak {row['peak_mb']:.0f} MB)",
+                  flush=True)
+
+    print(f"\nB={args.batch}, T={args.tokens}, {args.threads} threads, median of {args.steps} steps\n")
+    print("| method | m | step time | time vs plain | step memory vs plain |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['m']} | {r['seconds']:.2f} s | {r['time_ratio']:.2f}x | {r['memory_ratio']:.2f}x |")
+    if args.csv and rows:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
