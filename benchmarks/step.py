@@ -32,14 +32,29 @@ def _build(args: argparse.Namespace, lora: bool):  # type: ignore[no-untyped-def
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                        intermediate_size=1536, num_labels=5, attn_implementation="sdpa")
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        num_labels=5,
+        attn_implementation="sdpa",
+    )
     model = BertForSequenceClassification(config)
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
-                                                 lora_dropout=0.0, modules_to_save=["classifier"]))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=8,
+                lora_alpha=16,
+                target_modules=["query", "value"],
+                lora_dropout=0.0,
+                modules_to_save=["classifier"],
+            ),
+        )
     model.train()
     return model
 
@@ -105,18 +120,30 @@ def _worker(args: argparse.Namespace) -> dict[str, float]:
 
 
 CONFIGS = [
-    ("plain", None), ("grain-fused-keep", "m"), ("grain-fused-bookkeeping", "m"), ("grain-loop", "small"),
-    ("torchjd-groups", "m8"), ("torchjd-samples", None),
-    ("plain+lora", None), ("grain-fused-keep+lora", "m"), ("grain-fused-bookkeeping+lora", "m"),
+    ("plain", None),
+    ("grain-fused-keep", "m"),
+    ("grain-fused-bookkeeping", "m"),
+    ("grain-loop", "small"),
+    ("torchjd-groups", "m8"),
+    ("torchjd-samples", None),
+    ("plain+lora", None),
+    ("grain-fused-keep+lora", "m"),
+    ("grain-fused-bookkeeping+lora", "m"),
 ]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", type=int, default=32, help="B, sequences per step")
     parser.add_argument("--tokens", type=int, default=128, help="T, tokens per sequence")
-    parser.add_argument("--groups", type=int, nargs="+", default=[2, 4, 8, 16, 32], help="values of m")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration (median)")
+    parser.add_argument(
+        "--groups", type=int, nargs="+", default=[2, 4, 8, 16, 32], help="values of m"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=3, help="timed steps per configuration (median)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--only", nargs="*", help="run only these methods")
     parser.add_argument("--csv", default="benchmarks/step.csv", help="where to write the table")
@@ -139,12 +166,30 @@ def main(argv: list[str] | None = None) -> int:
             except ImportError:
                 print(f"{method}: torchjd is not installed, skipped", file=sys.stderr)
                 continue
-        ms = {None: [1], "m": args.groups, "small": [m for m in args.groups if m <= 8],
-              "m8": [m for m in args.groups if m == 8]}[grid]
+        ms = {
+            None: [1],
+            "m": args.groups,
+            "small": [m for m in args.groups if m <= 8],
+            "m8": [m for m in args.groups if m == 8],
+        }[grid]
         for m in ms:
-            cmd = [sys.executable, __file__, "--worker", "--method", method, "--m", str(m),
-                   "--batch", str(args.batch), "--tokens", str(args.tokens), "--steps", str(args.steps),
-                   "--threads", str(args.threads)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                "--method",
+                method,
+                "--m",
+                str(m),
+                "--batch",
+                str(args.batch),
+                "--tokens",
+                str(args.tokens),
+                "--steps",
+                str(args.steps),
+                "--threads",
+                str(args.threads),
+            ]
             done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
             if done.returncode != 0:
                 print(f"{method} m={m} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
@@ -154,19 +199,34 @@ def main(argv: list[str] | None = None) -> int:
             if method.startswith("plain"):
                 baseline[lora] = result
             ref = baseline.get(lora)
-            row = {"method": method, "m": m if grid else "", "seconds": result["seconds"],
-                   "peak_mb": result["peak_kb"] / 1024, "growth_mb": result["growth_kb"] / 1024,
-                   "time_ratio": result["seconds"] / ref["seconds"] if ref else float("nan"),
-                   "memory_ratio": result["growth_kb"] / ref["growth_kb"] if ref else float("nan")}
+            row = {
+                "method": method,
+                "m": m if grid else "",
+                "seconds": result["seconds"],
+                "peak_mb": result["peak_kb"] / 1024,
+                "growth_mb": result["growth_kb"] / 1024,
+                "time_ratio": result["seconds"] / ref["seconds"] if ref else float("nan"),
+                "memory_ratio": result["growth_kb"] / ref["growth_kb"] if ref else float("nan"),
+            }
             rows.append(row)
-            print(f"{method:30s} m={row['m']!s:3s} {row['seconds']:7.3f} s  time x{row['time_ratio']:.2f}  "
-                  f"step memory x{row['memory_ratio']:.2f} ({row['growth_mb']:.0f} MB; peak {row['peak_mb']:.0f} MB)",
-                  flush=True)
+            print(
+                f"{method:30s} m={row['m']!s:3s} {row['seconds']:7.3f} s  "
+                f"time x{row['time_ratio']:.2f}  step memory x{row['memory_ratio']:.2f} "
+                f"({row['growth_mb']:.0f} MB; peak {row['peak_mb']:.0f} MB)",
+                flush=True,
+            )
 
-    print(f"\nB={args.batch}, T={args.tokens}, {args.threads} threads, median of {args.steps} steps\n")
-    print("| method | m | step time | time vs plain | step memory vs plain |\n|---|---|---|---|---|")
+    print(
+        f"\nB={args.batch}, T={args.tokens}, {args.threads} threads, median of {args.steps} steps\n"
+    )
+    print(
+        "| method | m | step time | time vs plain | step memory vs plain |\n|---|---|---|---|---|"
+    )
     for r in rows:
-        print(f"| {r['method']} | {r['m']} | {r['seconds']:.2f} s | {r['time_ratio']:.2f}x | {r['memory_ratio']:.2f}x |")
+        print(
+            f"| {r['method']} | {r['m']} | {r['seconds']:.2f} s "
+            f"| {r['time_ratio']:.2f}x | {r['memory_ratio']:.2f}x |"
+        )
     if args.csv and rows:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -31,3 +31,13 @@ def test_usage_example_runs(capsys) -> None:  # type: ignore[no-untyped-def]
     exec(compile(example, "README.md:Usage", "exec"), {})
     ratio = float(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0.0 <= ratio <= 1.0 + 1e-6
+
+
+def test_accumulation_example_runs(capsys) -> None:  # type: ignore[no-untyped-def]
+    (example,) = _code_blocks("What it computes", "python")
+    exec(compile(example, "README.md:accumulation", "exec"), {})
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "8"
+
+
+def test_readme_torchrun_command_is_the_tested_one() -> None:
+    assert "torchrun --standalone --nproc_per_node=2 examples/ddp_train.py" in README

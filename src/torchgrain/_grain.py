@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -19,8 +21,10 @@ from torchgrain.engines import (
     GroupIndex,
     LoopEngine,
 )
+from torchgrain.engines.rules._base import GroupGrad, cat, gram_of, weighted_sum
 from torchgrain.grouping import contiguous_groups, key_groups, random_groups
-from torchgrain.solvers import solve
+from torchgrain.integrations.distributed import RankExchange, flatten, unflatten
+from torchgrain.solvers import Solution, solve
 
 Grouping = Literal["contiguous", "random", "key"]
 NonFinite = Literal["raise", "skip"]
@@ -72,6 +76,11 @@ class GRAIN:
             ``optimizer.step()`` too). Never a NaN step.
         allow_unused: if False (default), a parameter that no group's loss reaches is an error,
             as in ``torch.autograd.grad``; if True its ``.grad`` is left as it is.
+        process_group: a ``torch.distributed`` process group (e.g. ``dist.group.WORLD``) for
+            data-parallel training: every rank's groups are global groups, and after
+            ``backward`` every rank holds the same ``.grad`` (see
+            :mod:`torchgrain.integrations.distributed`). ``None``: single process. Do not also
+            wrap the model in DDP: GRAIN does the gradient exchange.
 
     Example:
         >>> import torch
@@ -99,6 +108,7 @@ class GRAIN:
         seed: int | None = None,
         engine: str = "auto",
         memory_budget: float = DEFAULT_MEMORY_BUDGET,
+        process_group: Any = None,
         nonfinite: NonFinite = "raise",
         allow_unused: bool = False,
     ) -> None:
@@ -138,7 +148,10 @@ class GRAIN:
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         self.seed = seed
         self._generator = torch.Generator().manual_seed(seed)
-        self.step = 0  # completed (not skipped) backward calls
+        self.step = 0  # completed (not skipped) steps
+        self._acc: Accumulation | None = None
+        self.process_group = process_group
+        self._exchange = RankExchange(process_group) if process_group is not None else None
 
     # ------------------------------------------------------------------------------ lifetime
     def close(self) -> None:
@@ -206,8 +219,9 @@ class GRAIN:
                 f"use ids 0..{m - 1} or raise num_groups"
             )
         sizes = torch.bincount(ids, minlength=m)  # (m,)
-        if not finite:
-            return self._nonfinite(m, sizes, "losses contain NaN or Inf")
+        collective = self._acc is not None or self._exchange is not None
+        if not finite and not collective:
+            return self._nonfinite(sizes, "losses contain NaN or Inf")
         present = (sizes > 0).nonzero().squeeze(-1)  # (m',) ids of the non-empty groups
         compact = torch.full((m,), -1, dtype=torch.int64, device=ids.device)
         compact[present] = torch.arange(present.shape[0], device=ids.device)
@@ -229,13 +243,77 @@ class GRAIN:
         # there (a few hundred microseconds, where a fixed-count masked solve on the device
         # would cost ~30 kernel launches per iteration).
         gram_host = gram_present.cpu()
-        if not bool(torch.isfinite(gram_host).all()):
-            return self._nonfinite(m, sizes, "gradients contain NaN or Inf")
+        ok = bool(finite) and bool(torch.isfinite(gram_host).all())
+        if collective:
+            part = _Part(engine.group_grads() if ok else [], sizes[present], ok, fallback)
+            if self._acc is None:
+                return self._apply([part], engine.name)
+            self._acc.parts.append(part)
+            if not ok:
+                return skipped_stats(m, sizes, "NaN or Inf in this micro-batch", engine.name)
+            local = solve(gram_host, check=False)  # this micro-batch's own diagnostics
+            return self._stats(
+                local.weights, gram_present, sizes, present, local, 0.0, engine.name, fallback
+            )
+        if not ok:
+            return self._nonfinite(sizes, "gradients contain NaN or Inf")
         started = time.perf_counter()
         solution = solve(gram_host, check=False)
         seconds = time.perf_counter() - started
         update = engine.combine(solution.weights.to(ids.device))  # d per parameter
+        self._write(update)
+        return self._stats(
+            solution.weights, gram_present, sizes, present, solution, seconds, engine.name, fallback
+        )
 
+    def _apply(self, parts: list[_Part], engine: str) -> GrainStats:
+        """The min-norm step over the groups of several micro-batches and/or ranks."""
+        counts = [int(part.sizes.shape[0]) for part in parts]
+        sizes = torch.cat([part.sizes for part in parts])  # (M_local,) all > 0
+        ok = all(part.ok for part in parts)
+        fallback = {k: v for part in parts for k, v in part.fallback.items()}
+        grads: list[GroupGrad | None] = []
+        if ok:
+            for i, p in enumerate(self.params):
+                pieces = [part.grads[i] for part in parts]
+                grads.append(
+                    None if all(g is None for g in pieces) else cat(pieces, counts, p.shape, p)
+                )
+        if self._exchange is not None:
+            sizes, per_rank, ok = self._exchange.agree(sizes, ok)
+            if not ok:
+                return self._nonfinite(sizes, "NaN or Inf on some rank")
+            gram = self._exchange.gram(flatten(grads, self.params, sum(counts)), max(per_rank))
+        else:
+            if not ok:
+                return self._nonfinite(sizes, "NaN or Inf in some micro-batch")
+            gram = torch.zeros(len(sizes), len(sizes), dtype=torch.float64, device=sizes.device)
+            for g in grads:
+                if g is not None:
+                    gram += gram_of(g)
+        present = (sizes > 0).nonzero().squeeze(-1)
+        gram_present = gram[present][:, present]
+        started = time.perf_counter()
+        solution = solve(gram_present.cpu(), check=False)
+        seconds = time.perf_counter() - started
+        weights = torch.zeros(len(sizes), dtype=torch.float64)
+        weights[present.cpu()] = solution.weights
+        if self._exchange is not None:
+            update: list[Tensor | None] = list(
+                unflatten(self._exchange.combine(weights.to(sizes.device)), self.params)
+            )
+        else:
+            update = [
+                None if g is None else weighted_sum(weights.to(p.device), g, p.shape).to(p.dtype)
+                for g, p in zip(grads, self.params, strict=True)
+            ]
+        self._write(update)
+        return self._stats(
+            solution.weights, gram_present, sizes, present, solution, seconds, engine, fallback
+        )
+
+    def _write(self, update: list[Tensor | None]) -> None:
+        """``.grad += d`` (or ``= d``), the only place GRAIN writes gradients."""
         for p, d in zip(self.params, update, strict=True):
             if d is None:
                 continue
@@ -245,20 +323,77 @@ class GRAIN:
                 p.grad.add_(d)
         self.step += 1
 
-        weights = torch.zeros(m, dtype=torch.float64, device=ids.device)
-        weights[present] = solution.weights.to(ids.device)
-        gram = torch.zeros(m, m, dtype=torch.float64, device=ids.device)
-        gram[present[:, None], present[None, :]] = gram_present
+    @staticmethod
+    def _stats(
+        weights_present: Tensor,
+        gram_present: Tensor,
+        sizes: Tensor,
+        present: Tensor,
+        solution: Solution,
+        seconds: float,
+        engine: str,
+        fallback: dict[str, str],
+    ) -> GrainStats:
+        m, device = sizes.shape[0], sizes.device
+        weights = torch.zeros(m, dtype=torch.float64, device=device)
+        weights[present] = weights_present.to(device, torch.float64)
+        gram = torch.zeros(m, m, dtype=torch.float64, device=device)
+        gram[present[:, None], present[None, :]] = gram_present.to(device)
         return compute_stats(
             weights,
             gram,
             sizes,
-            solver_gap=solution.gap.to(ids.device),
-            solver_iterations=solution.iterations.to(ids.device),
+            solver_gap=solution.gap.to(device),
+            solver_iterations=solution.iterations.to(device),
             solver_seconds=seconds,
-            engine=engine.name,
+            engine=engine,
             fallback=fallback,
         )
+
+    # ---------------------------------------------------------------------------- accumulation
+    @contextlib.contextmanager
+    def accumulate(self) -> Iterator[Accumulation]:
+        """Gradient accumulation: the groups of every micro-batch are groups of one step.
+
+        Inside the block, each ``grain.backward(losses_j, groups=...)`` computes micro-batch j's
+        group gradients and keeps them (its local group k is a global group of its own; pass
+        ``groups=torch.zeros(B_j, dtype=torch.long)`` for one group per micro-batch). On leaving
+        the block, the min-norm combination over all of them is added to ``.grad`` — what
+        single-shot GRAIN on the joined batch with those groups gives — and the step's stats are
+        ``acc.stats``. Each ``backward`` inside returns its micro-batch's own diagnostics.
+
+        Memory: the group gradients of every micro-batch are kept until the block ends, ``M x
+        |params|`` for ``M`` groups in all (embedding gradients only on the batch's tokens):
+        cheap for PEFT-sized parameter sets, large for full fine-tuning.
+
+        NaN/Inf in any micro-batch skips (or raises at the end of) the whole step. An exception
+        inside the block leaves ``.grad`` untouched.
+
+        Example:
+            >>> import torch
+            >>> import torchgrain
+            >>> model = torch.nn.Linear(3, 1)
+            >>> grain = torchgrain.GRAIN(model, num_groups=2)
+            >>> with grain.accumulate() as acc:
+            ...     for _ in range(3):  # 3 micro-batches of 4 samples, 2 groups each
+            ...         x, y = torch.randn(4, 3), torch.randn(4, 1)
+            ...         _ = grain.backward(((model(x) - y) ** 2).squeeze(1))
+            >>> acc.stats.num_groups
+            6
+        """
+        if self._acc is not None:
+            raise RuntimeError("grain.accumulate() blocks do not nest; leave the first one first")
+        acc = Accumulation()
+        self._acc = acc
+        try:
+            yield acc
+        finally:
+            self._acc = None
+        if not acc.parts:
+            raise RuntimeError(
+                "the grain.accumulate() block called no grain.backward; nothing was accumulated"
+            )
+        acc.stats = self._apply(acc.parts, self._engine.name)
 
     # ---------------------------------------------------------------------------------- checks
     def _check_losses(self, losses: Tensor) -> None:
@@ -345,7 +480,8 @@ class GRAIN:
             return random_groups(B, self.num_groups, self._generator, device), self.num_groups
         return contiguous_groups(B, self.num_groups, device), self.num_groups
 
-    def _nonfinite(self, m: int, sizes: Tensor, reason: str) -> GrainStats:
+    def _nonfinite(self, sizes: Tensor, reason: str) -> GrainStats:
+        m = int(sizes.shape[0])
         if self.nonfinite == "raise":
             raise NonFiniteError(
                 f"{reason}; .grad was left untouched. Use GRAIN(..., nonfinite='skip') to skip "
@@ -401,3 +537,21 @@ def _collect_params(source: ParamsLike) -> tuple[list[str], list[Tensor]]:
             "empty; unfreeze some (p.requires_grad_(True)) before building GRAIN"
         )
     return [n for n, _ in unique.values()], [p for _, p in unique.values()]
+
+
+@dataclass
+class _Part:
+    """One micro-batch's (or one single step's) contribution to a collective step."""
+
+    grads: list[GroupGrad | None]  # per parameter, (m_j, ...) group gradients
+    sizes: Tensor  # (m_j,) sizes of its non-empty groups
+    ok: bool  # finite losses and gradients
+    fallback: dict[str, str]
+
+
+@dataclass
+class Accumulation:
+    """What ``GRAIN.accumulate()`` yields; ``stats`` is set when the block ends."""
+
+    parts: list[_Part] = field(default_factory=list)
+    stats: GrainStats | None = None

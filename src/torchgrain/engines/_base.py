@@ -20,6 +20,7 @@ from typing import Protocol
 from torch import Tensor
 
 from torchgrain.engines._groups import GroupIndex
+from torchgrain.engines.rules._base import GroupGrad
 
 
 class Engine(Protocol):
@@ -37,6 +38,11 @@ class Engine(Protocol):
 
     def combine(self, weights: Tensor) -> list[Tensor | None]:
         """``(m,)`` weights -> ``d`` per parameter (``None`` where no group reached it)."""
+        ...
+
+    def group_grads(self) -> list[GroupGrad | None]:
+        """Instead of :meth:`combine`: per parameter, the ``(m, ...)`` group gradients themselves
+        (for accumulation over micro-batches and for combining across ranks)."""
         ...
 
     def release(self) -> None:

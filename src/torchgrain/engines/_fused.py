@@ -24,6 +24,7 @@ mixes samples without being a BatchNorm; use ``engine="loop"`` for those.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -236,6 +237,32 @@ class FusedEngine:
             for j, (i, p) in enumerate(zip(idx, params, strict=True))
         }
 
+    def group_grads(self) -> list[GroupGrad | None]:
+        """After :meth:`gram`: per parameter, its ``(m, ...)`` group gradients (recomputed for
+        the parameters in book-keeping mode); releases what ``combine`` would have used."""
+        if self._delegate is not None:
+            out = self._delegate.group_grads()
+            self._reset()
+            return out
+        grads: list[GroupGrad | None] = [None] * len(self._params)
+        for i, kept in self._kept.items():
+            grads[i] = kept
+        for i, stack in self._fallback_grads.items():
+            grads[i] = stack
+        assert self._groups is not None
+        per_call = self._per_call(
+            lambda call, bk: self.hooks.rules[call.module].group_grads(
+                call.module, call.A, bk, self._groups
+            )
+        )
+        for i, entries in self._recompute.items():
+            total: GroupGrad | None = None
+            for call, pname, _ in entries:
+                total = add(total, per_call[id(call)][pname], self._params[i].shape)
+            grads[i] = total
+        self._reset()
+        return grads
+
     def reached(self) -> list[bool]:
         if self._delegate is not None:
             return self._delegate.reached()
@@ -254,15 +281,25 @@ class FusedEngine:
             out[i] = weighted_sum(weights, grads, self._params[i].shape).to(self._params[i].dtype)
         for i, stack in self._fallback_grads.items():
             out[i] = torch.tensordot(weights.to(stack.dtype), stack, dims=1)
+
+        def scaled(call: Call, bk: Tensor) -> dict[str, Tensor]:
+            weighted = bk * per_sample.to(bk.dtype).reshape(-1, *([1] * (bk.dim() - 1)))
+            return self.hooks.rules[call.module].combine(call.module, call.A, weighted)
+
+        per_call = self._per_call(scaled)
         for i, entries in self._recompute.items():
-            total: Tensor | None = None
-            for call, pname, bk in entries:
-                scaled = bk * per_sample.to(bk.dtype).reshape(-1, *([1] * (bk.dim() - 1)))
-                part = self.hooks.rules[call.module].combine(call.module, call.A, scaled)[pname]
-                total = part if total is None else total + part
-            out[i] = None if total is None else total.to(self._params[i].dtype)
+            parts = [per_call[id(call)][pname] for call, pname, _ in entries]
+            out[i] = sum(parts[1:], parts[0]).to(self._params[i].dtype)
         self._reset()
         return out
+
+    def _per_call(self, fn: Any) -> dict[int, Any]:
+        """``fn(call, Bk)`` once per recorded call that some book-keeping parameter needs (a
+        Linear's weight and bias share one call)."""
+        calls = {
+            id(call): (call, bk) for entries in self._recompute.values() for call, _, bk in entries
+        }
+        return {key: fn(call, bk) for key, (call, bk) in calls.items()}
 
     def _name(self, p: Tensor) -> str:
         return self._owner.get(id(p), (f"param@{id(p):x}", None))[0]

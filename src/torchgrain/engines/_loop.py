@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from torchgrain.engines._groups import GroupIndex
-from torchgrain.engines.rules._base import gram_of
+from torchgrain.engines.rules._base import GroupGrad, gram_of
 
 
 class LoopEngine:
@@ -55,6 +55,11 @@ class LoopEngine:
             self._grads.append(stack)  # (m, *shape)
             gram += gram_of(stack)
         return gram
+
+    def group_grads(self) -> list[GroupGrad | None]:
+        """After :meth:`gram`: per parameter, the ``(m, *shape)`` group gradients."""
+        out, self._grads = self._grads, []
+        return list(out)
 
     def release(self) -> None:
         self._grads = []

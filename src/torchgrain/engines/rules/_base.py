@@ -114,6 +114,38 @@ def add(a: GroupGrad | None, b: GroupGrad, shape: torch.Size) -> GroupGrad:
     return to_dense(a, shape) + to_dense(b, shape)
 
 
+def cat(
+    parts: list[GroupGrad | None], counts: list[int], shape: torch.Size, like: Tensor
+) -> GroupGrad:
+    """Stack the group gradients of several batches along the group axis: ``(sum counts, ...)``.
+
+    ``None`` (a batch that did not reach the parameter) stands for ``counts[j]`` zero gradients.
+    Rows stay rows (on the union of their indices); anything else becomes dense.
+    """
+    if all(isinstance(p, Rows) or p is None for p in parts):
+        rows = [p for p in parts if isinstance(p, Rows)]
+        if rows:
+            index, inverse = torch.unique(torch.cat([r.index for r in rows]), return_inverse=True)
+            d = rows[0].values.shape[2]
+            values = rows[0].values.new_zeros(sum(counts), index.shape[0], d)
+            start, offset = 0, 0
+            for part, count in zip(parts, counts, strict=True):
+                if isinstance(part, Rows):
+                    n = part.index.shape[0]
+                    values[start : start + count].index_add_(
+                        1, inverse[offset : offset + n], part.values
+                    )
+                    offset += n
+                start += count
+            return Rows(index, values)
+    return torch.cat(
+        [
+            like.new_zeros(count, *shape) if part is None else to_dense(part, shape)
+            for part, count in zip(parts, counts, strict=True)
+        ]
+    )
+
+
 def gram_of(grad: GroupGrad) -> Tensor:
     """``(m, m)`` float64 Gram of the group gradients.
 

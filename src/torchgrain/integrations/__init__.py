@@ -1,0 +1,1 @@
+"""Integrations with the rest of the ecosystem: ``distributed`` (torch.distributed)."""
