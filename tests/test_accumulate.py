@@ -138,3 +138,25 @@ def test_accumulated_steps_train() -> None:
                 grain.backward(per_sample_ce(model, x, y))
         opt.step()
     assert sum(float(per_sample_ce(model, x, y).detach().mean()) for x, y in batches) < 0.7 * first
+
+
+def test_lora_model_accumulates_with_the_fused_engine() -> None:
+    pytest.importorskip("peft")
+    from tests.engines.test_fused import _lora_bert, _seq_cls_losses, _tokens
+
+    torch.manual_seed(5)
+    model = _lora_bert()
+    reference = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(6)
+    batches = [(*_tokens(b, seed=b), torch.randint(0, 3, (b,), generator=g)) for b in (3, 5)]
+    grain = torchgrain.GRAIN(model, num_groups=2, memory_budget=0)
+    with grain.accumulate() as acc:
+        for batch in batches:
+            grain.backward(_seq_cls_losses(model, batch))
+    assert acc.stats is not None and not acc.stats.fallback
+    ids = torch.cat([torchgrain.contiguous_groups(3, 2), torchgrain.contiguous_groups(5, 2) + 2])
+    joined = tuple(torch.cat([b[k] for b in batches]) for k in range(3))
+    torchgrain.GRAIN(reference, num_groups=4, engine="loop").backward(
+        _seq_cls_losses(reference, joined), ids
+    )
+    assert _rel(flat_grad(model), flat_grad(reference)) <= 1e-6
