@@ -12,13 +12,7 @@ from torch import nn
 import torchgrain
 from tests._models import TiedLM, flat_grad, lm_losses, mlp, per_sample_ce
 
-
-@pytest.fixture(autouse=True)
-def _float64():  # type: ignore[no-untyped-def]
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _micro_batches(sizes: list[int], seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -21,13 +21,7 @@ from tests._models import (
 )
 from tests.solvers._zoo import kkt_gap
 
-
-@pytest.fixture(autouse=True)
-def _float64():  # type: ignore[no-untyped-def]
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _check_against_oracle(

@@ -16,13 +16,7 @@ from torch import Tensor, nn
 import torchgrain
 from tests._models import CNN, TiedLM, lm_losses, mlp, per_sample_ce
 
-
-@pytest.fixture(autouse=True)
-def _float64():  # type: ignore[no-untyped-def]
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 @dataclass

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from torchgrain.engines._groups import GroupIndex
 from torchgrain.engines._hooks import Call, HookManager, count_uses
-from torchgrain.engines._loop import LoopEngine
+from torchgrain.engines._loop import LoopEngine, per_group_gradients
 from torchgrain.engines.rules import find_rule
 from torchgrain.engines.rules._base import GroupGrad, add, gram_of, nbytes, weighted_sum
 
@@ -138,11 +138,13 @@ class FusedEngine:
         gram = torch.zeros(m, m, dtype=torch.float64, device=losses.device)
         edges = list({id(c): c for calls_ in rule_params.values() for c, _ in calls_}.values())
         if fallback:
-            self._fallback_grads = self._per_group_autograd(
-                group_losses, [params[i] for i in fallback], fallback, retain_last=bool(edges)
+            stacks = per_group_gradients(
+                group_losses, [params[i] for i in fallback], retain_graph=bool(edges)
             )
-            for stack in self._fallback_grads.values():
-                gram += gram_of(stack)
+            for i, stack in zip(fallback, stacks, strict=True):
+                if stack is not None:  # reached (uses > 0), so never None in practice
+                    self._fallback_grads[i] = stack
+                    gram += gram_of(stack)
         if edges:
             bks = torch.autograd.grad(
                 group_losses.sum(), [c.edge for c in edges], allow_unused=True
@@ -220,22 +222,6 @@ class FusedEngine:
                         del self._recompute[i]
             del grads
         return gram
-
-    @staticmethod
-    def _per_group_autograd(
-        group_losses: Tensor, params: list[Tensor], idx: list[int], retain_last: bool
-    ) -> dict[int, Tensor]:
-        m = group_losses.shape[0]
-        per_group = [
-            torch.autograd.grad(
-                group_losses[k], params, retain_graph=retain_last or k < m - 1, allow_unused=True
-            )
-            for k in range(m)
-        ]
-        return {
-            i: torch.stack([torch.zeros_like(p) if g[j] is None else g[j] for g in per_group])
-            for j, (i, p) in enumerate(zip(idx, params, strict=True))
-        }
 
     def group_grads(self) -> list[GroupGrad | None]:
         """After :meth:`gram`: per parameter, its ``(m, ...)`` group gradients (recomputed for

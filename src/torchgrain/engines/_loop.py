@@ -40,20 +40,11 @@ class LoopEngine:
     def gram(self, losses: Tensor, groups: GroupIndex, params: list[Tensor]) -> Tensor:
         group_losses = groups.group_means(losses)  # (m,)
         m = group_losses.shape[0]
-        per_group = [
-            torch.autograd.grad(group_losses[k], params, retain_graph=k < m - 1, allow_unused=True)
-            for k in range(m)
-        ]
-        self._grads = []
+        self._grads = per_group_gradients(group_losses, params, retain_graph=False)
         gram = torch.zeros(m, m, dtype=torch.float64, device=group_losses.device)  # (m, m)
-        for i, p in enumerate(params):
-            grads = [g[i] for g in per_group]
-            if all(g is None for g in grads):
-                self._grads.append(None)
-                continue
-            stack = torch.stack([torch.zeros_like(p) if g is None else g for g in grads])
-            self._grads.append(stack)  # (m, *shape)
-            gram += gram_of(stack)
+        for stack in self._grads:
+            if stack is not None:
+                gram += gram_of(stack)
         return gram
 
     def group_grads(self) -> list[GroupGrad | None]:
@@ -74,3 +65,26 @@ class LoopEngine:
         ]
         self._grads = []
         return out
+
+
+def per_group_gradients(
+    group_losses: Tensor, params: list[Tensor], retain_graph: bool
+) -> list[Tensor | None]:
+    """One ``torch.autograd.grad`` per group loss: per parameter the ``(m, *shape)`` stack of
+    group gradients, or ``None`` where no group reaches it. The graph is kept after the last
+    group only if ``retain_graph``."""
+    m = group_losses.shape[0]
+    per_group = [
+        torch.autograd.grad(
+            group_losses[k], params, retain_graph=retain_graph or k < m - 1, allow_unused=True
+        )
+        for k in range(m)
+    ]
+    out: list[Tensor | None] = []
+    for i, p in enumerate(params):
+        grads = [g[i] for g in per_group]
+        if all(g is None for g in grads):
+            out.append(None)
+        else:
+            out.append(torch.stack([torch.zeros_like(p) if g is None else g for g in grads]))
+    return out
