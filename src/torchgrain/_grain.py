@@ -219,9 +219,11 @@ class GRAIN:
                 f"use ids 0..{m - 1} or raise num_groups"
             )
         sizes = torch.bincount(ids, minlength=m)  # (m,)
-        collective = self._acc is not None or self._exchange is not None
-        if not finite and not collective:
-            return self._nonfinite(sizes, "losses contain NaN or Inf")
+        if not finite:
+            if self._acc is None and self._exchange is None:
+                return self._nonfinite(sizes, "losses contain NaN or Inf")
+            # A collective step learns of it through the part (no backward of NaN losses).
+            return self._collect(_Part([], sizes[sizes > 0], False, {}), m, sizes)
         present = (sizes > 0).nonzero().squeeze(-1)  # (m',) ids of the non-empty groups
         compact = torch.full((m,), -1, dtype=torch.int64, device=ids.device)
         compact[present] = torch.arange(present.shape[0], device=ids.device)
@@ -244,13 +246,11 @@ class GRAIN:
         # would cost ~30 kernel launches per iteration).
         gram_host = gram_present.cpu()
         ok = bool(finite) and bool(torch.isfinite(gram_host).all())
-        if collective:
+        if self._acc is not None or self._exchange is not None:
             part = _Part(engine.group_grads() if ok else [], sizes[present], ok, fallback)
-            if self._acc is None:
-                return self._apply([part], engine.name)
+            if self._acc is None or not ok:
+                return self._collect(part, m, sizes)
             self._acc.parts.append(part)
-            if not ok:
-                return skipped_stats(m, sizes, "NaN or Inf in this micro-batch", engine.name)
             local = solve(gram_host, check=False)  # this micro-batch's own diagnostics
             return self._stats(
                 local.weights, gram_present, sizes, present, local, 0.0, engine.name, fallback
@@ -265,6 +265,14 @@ class GRAIN:
         return self._stats(
             solution.weights, gram_present, sizes, present, solution, seconds, engine.name, fallback
         )
+
+    def _collect(self, part: _Part, m: int, sizes: Tensor) -> GrainStats:
+        """A step's contribution to a collective step: kept for the end of the accumulation
+        block, or exchanged across ranks now."""
+        if self._acc is None:
+            return self._apply([part], self._engine.name)
+        self._acc.parts.append(part)
+        return skipped_stats(m, sizes, "NaN or Inf in this micro-batch", self._engine.name)
 
     def _apply(self, parts: list[_Part], engine: str) -> GrainStats:
         """The min-norm step over the groups of several micro-batches and/or ranks."""
