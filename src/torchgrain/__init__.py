@@ -9,6 +9,7 @@ gradients, so that no group's loss increases to first order::
     optimizer.step()
 """
 
+from torchgrain import losses
 from torchgrain._errors import NonFiniteError
 from torchgrain._grain import GRAIN
 from torchgrain._stats import GrainStats
@@ -24,6 +25,7 @@ __all__ = [
     "__version__",
     "contiguous_groups",
     "key_groups",
+    "losses",
     "min_norm_weights",
     "random_groups",
 ]
