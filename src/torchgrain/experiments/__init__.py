@@ -1,1 +1,1 @@
-"""The experiments behind the ``torchgrain`` command: real offline models and data, runs, reports."""
+"""The experiments behind the ``torchgrain`` command: offline models and data, runs, reports."""

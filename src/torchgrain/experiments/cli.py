@@ -1,0 +1,180 @@
+"""The ``torchgrain`` command.
+
+``torchgrain reproduce``: fine-tune real pretrained models on real data, offline, with the mean
+baseline and with GRAIN over several seeds; print mean ± std, the run-to-run spread and tests per
+task; write ``results.json``, CSV files and PNG plots. ``torchgrain stability``: train on
+datasets that differ in one example and compare. ``torchgrain bench``: step time and peak memory
+of each engine against plain mean training (``benchmarks/step.py`` from a source checkout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from torchgrain.experiments.presets import PRESETS, TASKS, size_of
+
+DEFAULT_METHODS = ("mean", "grain-m4", "grain-m8")
+SMOKE_METHODS = ("mean", "grain-m4")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return int(args.func(args))
+    except (ValueError, ModuleNotFoundError, FileNotFoundError) as err:
+        print(f"torchgrain {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="torchgrain", description="GRAIN for PyTorch: the paper's claims, measured offline."
+    )
+    sub = parser.add_subparsers(dest="command")
+
+    rep = sub.add_parser(
+        "reproduce",
+        help="fine-tune with the mean and with GRAIN over seeds; tables, JSON/CSV, plots",
+        description="Fine-tune real pretrained models on real data (all read from installed "
+        "packages) with the mean baseline and with GRAIN over several seeds, then report the "
+        "mean, the run-to-run spread and tests per task. Interrupted sweeps resume.",
+    )
+    what = rep.add_argument_group("what to run")
+    what.add_argument("--task", choices=[*TASKS, "all"], default="all")
+    what.add_argument(
+        "--preset", choices=PRESETS, default="smoke",
+        help="smoke: ~2 min on a 2-core CPU; default: < 30 min there; full: sized for a GPU; "
+        "tiny: random small models, for tests (default: smoke)",
+    )  # fmt: skip
+    what.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: the preset's)")
+    what.add_argument(
+        "--methods", nargs="+",
+        help="mean, grain-m<m>, grain-m<m>-rescaled (default: mean grain-m4 grain-m8; "
+        "smoke: mean grain-m4)",
+    )  # fmt: skip
+    _common(rep, "runs/reproduce")
+    rep.add_argument("--max-runs", type=int, help="stop after N new runs (resume later)")
+    rep.set_defaults(func=_reproduce)
+
+    stab = sub.add_parser(
+        "stability",
+        help="train on datasets that differ in one example; compare mean vs GRAIN",
+        description="For each pair, train the same seed on the training set and on a copy with "
+        "one example replaced, per method, and report the parameter distance and the test "
+        "prediction difference.",
+    )
+    stab.add_argument("--task", choices=TASKS, default="regression")
+    stab.add_argument("--preset", choices=PRESETS, default="smoke")
+    stab.add_argument("--pairs", type=int, default=5, help="neighbouring dataset pairs (default 5)")
+    stab.add_argument("--methods", nargs="+", default=["mean", "grain-m8"])
+    _common(stab, "runs/stability")
+    stab.set_defaults(func=_stability)
+
+    bench = sub.add_parser(
+        "bench",
+        help="step time and peak memory of each engine vs plain training (benchmarks/step.py)",
+    )
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to benchmarks/step.py")
+    bench.set_defaults(func=_bench, threads=None)
+    return parser
+
+
+def _common(p: argparse.ArgumentParser, out: str) -> None:
+    run = p.add_argument_group("where and how")
+    run.add_argument("--out", type=Path, default=Path(out), help=f"output folder (default {out})")
+    run.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if present)")
+    run.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="no bars")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from torchgrain.experiments import report
+    from torchgrain.experiments.sweep import sweep
+
+    tasks = list(TASKS) if args.task == "all" else [args.task]
+    methods = args.methods or list(SMOKE_METHODS if args.preset == "smoke" else DEFAULT_METHODS)
+    n_seeds = args.seeds or max(size_of(args.preset, t).seeds for t in tasks)
+    if n_seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {n_seeds}")
+    device = _device(args.device)
+    print(
+        f"torchgrain reproduce: preset {args.preset}, tasks {', '.join(tasks)}, methods "
+        f"{', '.join(methods)}, seeds 0..{n_seeds - 1}, device {device}, out {args.out}",
+        flush=True,
+    )
+    start = time.perf_counter()
+    runs = sweep(
+        tasks, args.preset, range(n_seeds), methods, args.out,
+        device=device, progress=args.progress, max_runs=args.max_runs,
+    )  # fmt: skip
+    rows = report.summarize(runs)
+    print()
+    for task in tasks:
+        described = [r["config"]["description"] for r in runs if r["task"] == task]
+        print(report.table(rows, task, described[0] if described else ""), end="\n\n")
+    print(report.LEGEND)
+    if runs:
+        report.write_csv(runs, rows, args.out)
+        plots = report.plot(runs, args.out)
+        print(f"\nwrote {args.out / 'results.json'}, runs.csv, summary.csv and {len(plots)} plots")
+    missing = len(tasks) * n_seeds * len(methods) - len(runs)
+    print(f"{time.perf_counter() - start:.0f} s; {missing} runs still to do" if missing else
+          f"{time.perf_counter() - start:.0f} s")  # fmt: skip
+    return 0
+
+
+def _stability(args: argparse.Namespace) -> int:
+    from torchgrain.experiments.stability import stability, stability_table
+
+    device = _device(args.device)
+    print(
+        f"torchgrain stability: task {args.task}, preset {args.preset}, {args.pairs} pairs, "
+        f"methods {', '.join(args.methods)}, device {device}",
+        flush=True,
+    )
+    records = stability(
+        args.task, args.preset, args.pairs, args.methods, args.out,
+        device=device, progress=args.progress,
+    )  # fmt: skip
+    print(stability_table(records))
+    print(
+        "\n‖θ−θ′‖: distance of the trained parameters; relative: over the distance travelled "
+        "from the start; Δprediction: mean test prediction difference; vs mean: ratio of "
+        "Δprediction to the mean baseline's over the same pairs, sign-flip permutation p."
+    )
+    print(f"wrote {args.out / 'stability.json'}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    script = Path(__file__).resolve().parents[3] / "benchmarks" / "step.py"
+    if not script.exists():
+        raise FileNotFoundError(
+            f"{script} not found: `torchgrain bench` runs the benchmarks of a source checkout "
+            "(git clone, then pip install -e .)"
+        )
+    return subprocess.call([sys.executable, str(script), *args.args], env=os.environ.copy())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
