@@ -13,7 +13,6 @@ collect_ignore = [
     f"src/torchgrain/integrations/{module}.py"
     for module, needs in (
         ("hf", "transformers"),
-        ("_hf_heads", "transformers"),
         ("lightning", "lightning"),
     )
     if importlib.util.find_spec(needs) is None
