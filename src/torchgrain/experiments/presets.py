@@ -27,6 +27,7 @@ class Size:
     layers: int | None = None  # MiniLM: keep the first n layers; SmolLM2: train the last n
     tiny: bool = False  # test-only random models (see module docstring)
     seeds: int = 5  # default number of seeds
+    eval_each_epoch: bool = True  # else only after the last epoch (SmolLM2's test pass is slow)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -36,7 +37,16 @@ _SIZES: dict[str, dict[str, Size]] = {
     "default": {
         "classification": Size(train=256, test=500, tokens=32, epochs=3, batch=16, lr=1e-4),
         "regression": Size(train=512, test=1000, tokens=8, epochs=3, batch=16, lr=1e-4),
-        "generation": Size(train=128, test=100, tokens=32, epochs=2, batch=8, lr=1e-4, layers=4),
+        "generation": Size(
+            train=96,
+            test=64,
+            tokens=32,
+            epochs=2,
+            batch=8,
+            lr=1e-4,
+            layers=4,
+            eval_each_epoch=False,
+        ),
     },
     "full": {
         "classification": Size(1024, 500, 64, 5, 32, 5e-5, seeds=10),

@@ -104,7 +104,8 @@ def train(
             step_loss.append(float(losses.detach().float().mean()))
             if on_step is not None:
                 on_step()
-        evals.append({"epoch": epoch + 1, **task.evaluate(model)})
+        if size.eval_each_epoch or epoch == size.epochs - 1:
+            evals.append({"epoch": epoch + 1, **task.evaluate(model)})
     seconds = time.perf_counter() - start
     if grain is not None:
         grain.close()
