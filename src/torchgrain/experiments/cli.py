@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     _common(rep, "runs/reproduce")
     rep.add_argument("--max-runs", type=int, help="stop after N new runs (resume later)")
+    rep.add_argument(
+        "--markdown", action="store_true", help="also print the results as one Markdown table"
+    )
     rep.set_defaults(func=_reproduce)
 
     stab = sub.add_parser(
@@ -133,6 +136,8 @@ def _reproduce(args: argparse.Namespace) -> int:
         described = [r["config"]["description"] for r in runs if r["task"] == task]
         print(report.table(rows, task, described[0] if described else ""), end="\n\n")
     print(report.LEGEND)
+    if args.markdown:
+        print("\n" + report.markdown(rows))
     if runs:
         report.write_csv(runs, rows, args.out)
         plots = report.plot(runs, args.out)

@@ -84,6 +84,31 @@ def table(rows: list[dict[str, Any]], task: str, description: str = "") -> str:
     return "\n".join(lines)
 
 
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """All tasks as one Markdown table (the README's), made from :func:`summarize`'s rows."""
+    lines = [
+        "| task (test metric) | method | seeds | mean ± std | std ratio [95% CI] | spread p "
+        "| Δmean (p) | conflict | ‖d‖/‖ḡ‖ | active groups |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        metric = f"{r['task']} ({r['metric_name']})"
+        ratio = (
+            f"{r['std_ratio']:.2f} [{r['std_ratio_lo']:.2f}, {r['std_ratio_hi']:.2f}]"
+            if "std_ratio" in r and not math.isnan(r["std_ratio"])
+            else "—"
+        )
+        diff = f"{r['mean_diff']:+.4f} ({r['mean_p']:.2f})" if "mean_diff" in r else "—"
+        lines.append(
+            f"| {metric} | {r['method']} | {r['seeds']} "
+            f"| {r['mean']:.4f} ± {_num(r['std'], '.4f')} | {ratio} "
+            f"| {_num(r.get('spread_p'), '.2f')} | {diff} "
+            f"| {_num(r['conflict_share'], '.0%')} | {_num(r['d_over_mean'], '.2f')} "
+            f"| {_num(r['active_groups'], '.1f')} |"
+        )
+    return "\n".join(lines)
+
+
 LEGEND = (
     "std ratio: run-to-run std of the method / of 'mean' (< 1: less seed-dependent), bootstrap "
     "95% CI. spread p: permutation test (Brown–Forsythe) that the spreads differ. Δmean (p): mean "
