@@ -158,6 +158,19 @@ def test_key_grouping_reads_a_batch_field_the_model_does_not_take(tmp_path: Path
     assert trainer.grain_stats is not None and trainer.grain_stats.num_groups == 2
 
 
+def test_a_short_last_batch_gets_one_group_per_sample(tmp_path: Path) -> None:
+    data = _tiny.classification_data(n=18)  # batches of 8, 8 and 2 < num_groups
+    trainer = GrainTrainer(
+        _tiny.bert_classifier(),
+        _tiny.args(tmp_path, max_steps=-1, num_train_epochs=1),
+        train_dataset=data,
+        num_groups=4,
+    )
+    trainer.train()
+    assert trainer.state.global_step == 3 and trainer.grain_stats is not None
+    assert trainer.grain_stats.group_sizes.tolist() == [1, 1, 0, 0]
+
+
 def test_grain_state_is_checkpointed_and_resumed(tmp_path: Path) -> None:
     data = _tiny.classification_data()
     options = {"num_groups": 2, "grain_grouping": "random", "grain_seed": 3}

@@ -60,7 +60,8 @@ class GrainTrainer(Trainer):
 
     Args:
         num_groups: m, groups per micro-batch (``None`` only with ``grain_grouping="key"``).
-            ``num_groups=1`` without accumulation is plain ``Trainer``, step for step.
+            ``num_groups=1`` without accumulation is plain ``Trainer``, step for step. A batch of
+            fewer than m samples (an epoch's short last batch) gets one group per sample.
         grain_grouping: ``"contiguous"``, ``"random"`` or ``"key"`` (see :class:`GRAIN`).
         grain_key: with ``"key"``: the batch field holding one integer key per sample (a dataset
             column such as ``"labels"`` or ``"domain"``; it is kept out of the model's inputs
@@ -223,17 +224,22 @@ class GrainTrainer(Trainer):
                 inputs = {k: v for k, v in inputs.items() if k != self.grain_key}
         with self.compute_loss_context_manager():
             losses, _ = self.compute_per_sample_losses(model, inputs)  # (B,)
+        groups = None
+        m = self.grain.num_groups
+        if keys is None and isinstance(losses, Tensor) and m is not None and len(losses) < m:
+            # The epoch's short last batch: one sample per group, the other groups empty (dropped).
+            groups = torch.arange(len(losses), device=losses.device)  # (B,)
         # Trainer sets sync_gradients before each micro-batch: true when it will clip and step
         # after this one (every M-th micro-batch and the epoch's last).
         last = bool(self.accelerator.sync_gradients)
         if self._grain_window is None and last:  # a window of one micro-batch
-            self._grain_finish(self.grain.backward(losses, keys=keys))
+            self._grain_finish(self.grain.backward(losses, groups, keys=keys))
         else:
             if self._grain_window is None:
                 self._grain_window = contextlib.ExitStack()
                 self._grain_acc = self._grain_window.enter_context(self.grain.accumulate())
             try:
-                self.grain.backward(losses, keys=keys)
+                self.grain.backward(losses, groups, keys=keys)
             except BaseException:
                 self._grain_discard(*sys.exc_info())
                 raise
