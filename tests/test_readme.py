@@ -41,3 +41,17 @@ def test_accumulation_example_runs(capsys) -> None:  # type: ignore[no-untyped-d
 
 def test_readme_torchrun_command_is_the_tested_one() -> None:
     assert "torchrun --standalone --nproc_per_node=2 examples/ddp_train.py" in README
+
+
+def test_integration_examples_run(capsys, monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    hf, lightning, helpers = _code_blocks("Integrations", "python")
+    monkeypatch.chdir(tmp_path)  # the examples write out/ and logs/ in the working directory
+    exec(compile(hf, "README.md:Integrations/hf", "exec"), {})
+    ratio = float(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0.0 < ratio <= 1.0 + 1e-6
+    exec(compile(lightning, "README.md:Integrations/lightning", "exec"), {})
+    log_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    header = (log_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"grain/d_over_mean", "grain/active_groups"} <= set(header)
+    exec(compile(helpers, "README.md:Integrations/losses", "exec"), {})
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("torch.Size([4])")
