@@ -189,3 +189,14 @@ def test_grain_state_is_checkpointed_and_resumed(tmp_path: Path) -> None:
     trainer.train(resume_from_checkpoint=str(checkpoint))
     assert trainer.grain.step == 4
     assert _tiny.max_diff(full, resumed) <= 1e-6
+
+
+def test_model_init_gets_a_grain_of_its_own(tmp_path: Path) -> None:
+    trainer = GrainTrainer(
+        model_init=lambda: _tiny.bert_classifier(),
+        args=_tiny.args(tmp_path, max_steps=1),
+        train_dataset=_tiny.classification_data(),
+        num_groups=2,
+    )
+    trainer.train()  # Trainer calls model_init again: a new model, so a new GRAIN on it
+    assert trainer.grain._module is trainer.model and trainer.grain.step == 1
