@@ -204,8 +204,19 @@ class FusedEngine:
                     remaining[i] -= 1
                 continue
             rule = self.hooks.rules[call.module]
-            grads = rule.group_grads(call.module, call.A, bk, groups)
+            ghosted = self._ghost(rule, call, bk, groups, users[key], rule_params, gram)
             for i, pname in users[key]:
+                if pname in ghosted:
+                    self._recompute.setdefault(i, []).append((call, pname, bk))
+                    remaining[i] -= 1
+            todo = [(i, pname) for i, pname in users[key] if pname not in ghosted]
+            if not todo:
+                continue
+            if ghosted:
+                grads = rule.group_grads(call.module, call.A, bk, groups, skip=ghosted)
+            else:
+                grads = rule.group_grads(call.module, call.A, bk, groups)
+            for i, pname in todo:
                 shape = self._params[i].shape
                 pending[i] = add(pending.get(i), grads[pname], shape)
                 self._recompute.setdefault(i, []).append((call, pname, bk))
@@ -222,6 +233,31 @@ class FusedEngine:
                         del self._recompute[i]
             del grads
         return gram
+
+    @staticmethod
+    def _ghost(
+        rule: Any,
+        call: Call,
+        bk: Tensor,
+        groups: GroupIndex,
+        users: list[tuple[int, str]],
+        rule_params: dict[int, list[tuple[Call, str]]],
+        gram: Tensor,
+    ) -> frozenset[str]:
+        """Add the Gram blocks a rule computes without group gradients (``rule.ghost_gram``,
+        e.g. a Linear weight on few tokens) to ``gram``; return those parameter names. Only a
+        parameter with a single call qualifies: with more, the cross-call terms are needed."""
+        ghost = getattr(rule, "ghost_gram", None)
+        if ghost is None:
+            return frozenset()
+        done = set()
+        for i, pname in users:
+            if len(rule_params[i]) == 1:
+                block = ghost(call.module, call.A, bk, groups, pname)
+                if block is not None:
+                    gram += block
+                    done.add(pname)
+        return frozenset(done)
 
     def group_grads(self) -> list[GroupGrad | None]:
         """After :meth:`gram`: per parameter, its ``(m, ...)`` group gradients (recomputed for

@@ -1,5 +1,6 @@
 """Hugging Face ``Conv1D`` (GPT-2): a linear layer whose weight is stored ``(in, out)``, so the
-Linear rule with the weight gradient transposed."""
+Linear rule with the weight gradient transposed (the ghost Gram is the same: a Gram does not see
+the transposition)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,14 @@ class HFConv1DRule(LinearRule):
     """``y = A W + b`` with ``W`` of shape ``(in, out)``."""
 
     def group_grads(
-        self, module: nn.Module, A: Tensor, Bk: Tensor, groups: GroupIndex
+        self,
+        module: nn.Module,
+        A: Tensor,
+        Bk: Tensor,
+        groups: GroupIndex,
+        skip: frozenset[str] = frozenset(),
     ) -> dict[str, GroupGrad]:
-        out = super().group_grads(module, A, Bk, groups)
+        out = super().group_grads(module, A, Bk, groups, skip)
         if "weight" in out:
             out["weight"] = out["weight"].transpose(1, 2)  # type: ignore[union-attr]
         return out

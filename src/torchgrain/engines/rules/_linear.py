@@ -3,9 +3,21 @@
 Group k's weight gradient is the ordinary weight-gradient GEMM restricted to the group,
 ``M_k = sum_{i in S_k} Bk_i^T A_i``: the same FLOPs as one weight gradient, split m ways.
 LoRA adapters (PEFT) are ``nn.Linear`` modules and use this rule.
+
+When the call has few tokens ``N`` (rows of ``A``) for its width, the weight's Gram block comes
+from the tokens instead, without forming any ``M_k`` (the "ghost" Gram):
+
+    <M_k, M_l> = sum_{s in S_k, t in S_l} <a_s, a_t> <b_s, b_t>
+    G_W = S^T ((A A^T) * (Bk Bk^T)) S        S: (N, m) one-hot token -> group
+
+``N^2 (in + out)`` FLOPs and an ``(N, N)`` buffer, against ``N in out`` FLOPs and ``m in out``
+stored values; used when ``N (in + out) < in out`` (short sequences: regression on words, small
+batches). ``d`` is then recomputed by one weighted weight-gradient GEMM (:meth:`combine`).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +42,36 @@ def _weight_grads(A: Tensor, Bk: Tensor, groups: GroupIndex) -> Tensor:
     )
 
 
+GHOST_MAX_TOKENS = 4096  # the (N, N) buffers stay under 64 MiB
+GHOST_CANCELLATION = 1e-3  # float32 keeps ~4 digits of a Gram diagonal at this cancellation
+
+
+def ghost_weight_gram(A: Tensor, Bk: Tensor, groups: GroupIndex) -> Tensor | None:
+    """``(m, m)`` float64 Gram of the weight's group gradients from the tokens, or ``None``
+    when materialising the group gradients is cheaper (see the module docstring)."""
+    d_in, d_out = A.shape[-1], Bk.shape[-1]
+    a, b = A.reshape(-1, d_in), Bk.reshape(-1, d_out)  # (N, in), (N, out)
+    N = a.shape[0]
+    if N > GHOST_MAX_TOKENS or N * (d_in + d_out) >= d_in * d_out:
+        return None
+    token_groups = groups.ids.repeat_interleave(N // groups.batch_size)  # (N,)
+    onehot = torch.nn.functional.one_hot(token_groups, groups.m)  # (N, m)
+    if a.dtype != torch.float64 and a.device.type == "cpu":
+        # float32 products; redone in float64 when the token terms cancel so much (gradients
+        # of a group's tokens that point against each other) that float32 would lose the block
+        a32, b32 = a.float(), b.float()
+        terms = (a32 @ a32.T) * (b32 @ b32.T)  # (N, N)
+        s = onehot.float()
+        block = s.T @ terms @ s  # (m, m)
+        scale = s.T @ terms.abs() @ s
+        diag, bound = block.diagonal(), scale.diagonal()
+        top = float(bound.max())  # a free read on the CPU
+        if math.isfinite(top) and top >= 1e-30 and bool((diag >= GHOST_CANCELLATION * bound).all()):
+            return block.to(torch.float64)
+    a64, b64, s64 = a.double(), b.double(), onehot.double()
+    return s64.T @ ((a64 @ a64.T) * (b64 @ b64.T)) @ s64
+
+
 def _bias_grads(Bk: Tensor, groups: GroupIndex) -> Tensor:
     """``(m, out)`` per-group sums of the output gradient."""
     per_sample = Bk.reshape(Bk.shape[0], -1, Bk.shape[-1]).sum(1)  # (B, out)
@@ -41,10 +83,23 @@ class LinearRule:
     def param_names(self, module: nn.Module) -> list[str]:
         return trainable(module, "weight", "bias")
 
+    def ghost_gram(
+        self, module: nn.Module, A: Tensor, Bk: Tensor, groups: GroupIndex, name: str
+    ) -> Tensor | None:
+        """The weight's ``(m, m)`` Gram block without its group gradients, when cheaper."""
+        if name != "weight":
+            return None
+        return ghost_weight_gram(A.to(Bk.dtype), Bk, groups)
+
     def group_grads(
-        self, module: nn.Module, A: Tensor, Bk: Tensor, groups: GroupIndex
+        self,
+        module: nn.Module,
+        A: Tensor,
+        Bk: Tensor,
+        groups: GroupIndex,
+        skip: frozenset[str] = frozenset(),
     ) -> dict[str, GroupGrad]:
-        names = self.param_names(module)
+        names = [n for n in self.param_names(module) if n not in skip]
         A = A.to(Bk.dtype)
         out: dict[str, GroupGrad] = {}
         if "weight" in names:
