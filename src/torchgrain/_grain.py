@@ -201,7 +201,11 @@ class GRAIN:
             :class:`GrainStats` with the weights, the Gram and the diagnostics.
         """
         try:
-            return self._backward(losses, groups, keys)
+            # The Gram and d are computed in the gradients' own precision even when the caller is
+            # inside an autocast block (Lightning's training_step is): autocast would run the
+            # rules' GEMMs in bfloat16.
+            with _autocast_off(losses):
+                return self._backward(losses, groups, keys)
         finally:
             self._engine.release()  # what the engine still holds (hook records on an error path)
 
@@ -401,7 +405,8 @@ class GRAIN:
             raise RuntimeError(
                 "the grain.accumulate() block called no grain.backward; nothing was accumulated"
             )
-        acc.stats = self._apply(acc.parts, self._engine.name)
+        with _autocast_off(self.params[0]):
+            acc.stats = self._apply(acc.parts, self._engine.name)
 
     # ---------------------------------------------------------------------------------- checks
     def _check_losses(self, losses: Tensor) -> None:
@@ -505,6 +510,13 @@ class GRAIN:
             f"nonfinite={self.nonfinite!r}, params={len(self.params)}, "
             f"numel={sum(p.numel() for p in self.params)})"
         )
+
+
+def _autocast_off(like: Tensor) -> Any:
+    device = like.device.type if isinstance(like, Tensor) else "cpu"
+    if not torch.amp.is_autocast_available(device):
+        return contextlib.nullcontext()
+    return torch.autocast(device, enabled=False)
 
 
 def _collect_params(source: ParamsLike) -> tuple[list[str], list[Tensor]]:
