@@ -118,7 +118,10 @@ def test_bf16_mixed_forward_with_the_gram_outside_autocast(tmp_path: Path) -> No
         logits = net(x)  # (B, 3) in bfloat16
     losses = nn.functional.cross_entropy(logits.float(), y, reduction="none")
     expected = torchgrain.GRAIN(net, num_groups=4).backward(losses)
-    torch.testing.assert_close(module.seen[0].gram, expected.gram, rtol=1e-6, atol=0)
+    # The bf16 forward itself may round differently from run to run with 2 threads (7e-5 relative
+    # in this Gram was seen); a Gram from bf16 GEMMs is off by 3e-3. tests/test_autocast.py checks
+    # the guard in GRAIN itself at 1e-6.
+    torch.testing.assert_close(module.seen[0].gram, expected.gram, rtol=1e-3, atol=0)
 
 
 def test_misuse_is_refused_with_the_fix(tmp_path: Path) -> None:
