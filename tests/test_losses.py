@@ -53,6 +53,12 @@ def test_sequence_without_counted_tokens_has_zero_loss_and_gradient():
     assert torch.count_nonzero(g) == 0
 
 
+def test_nan_at_a_padded_position_does_not_leak():
+    token_losses = torch.tensor([[1.0, float("nan")], [2.0, 4.0]])  # (B, T)
+    mask = torch.tensor([[True, False], [True, True]])
+    assert losses.token_mean(token_losses, mask).tolist() == [1.0, 3.0]
+
+
 def test_mse_accepts_one_output_head_and_multi_output():
     pred, y = torch.randn(5, 1), torch.randn(5)
     torch.testing.assert_close(losses.mse(pred, y), (pred.squeeze(1) - y) ** 2)

@@ -514,7 +514,8 @@ class GRAIN:
 
 def _autocast_off(like: Tensor) -> Any:
     device = like.device.type if isinstance(like, Tensor) else "cpu"
-    if not torch.amp.is_autocast_available(device):
+    available = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.4
+    if not (available(device) if available is not None else device in ("cpu", "cuda")):
         return contextlib.nullcontext()
     return torch.autocast(device, enabled=False)
 

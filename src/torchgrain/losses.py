@@ -1,7 +1,9 @@
 """Per-sample losses: model outputs -> ``(B,)``, the input GRAIN needs instead of a scalar.
 
-Each helper returns one loss per sample, whose mean is the usual mean-reduced loss of the same
-head whenever every sample has the same number of counted tokens (for sequence heads, always):
+Each helper returns one loss per sample, the per-sample form of the head's usual loss. Their mean
+is the usual mean-reduced loss when every sample counts the same number of tokens: always for
+sequence heads without ``ignore_index`` labels; for token and LM heads only with equal counts
+(the usual token mean weights long sequences more, these weigh every sequence the same):
 
 - :func:`cross_entropy`: sequence classification ``(B, C)`` logits and ``(B,)`` labels, or token
   classification ``(B, T, C)`` and ``(B, T)``: the mean over each sequence's counted tokens.
@@ -37,13 +39,13 @@ IGNORE_INDEX = -100
 
 
 def token_mean(token_losses: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``(B, T)`` token losses over each row's ``True`` positions -> ``(B,)``.
+    """Mean of ``(B, T)`` token losses over each row's ``True`` positions (bool ``mask``): ``(B,)``.
 
     Rows with no ``True`` position get 0 (their gradient is zero, not NaN).
     """
-    mask = mask.to(token_losses.dtype)
-    counted = mask.sum(dim=1)  # (B,)
-    return (token_losses * mask).sum(dim=1) / counted.clamp(min=1)
+    counted = mask.sum(dim=1).to(token_losses.dtype)  # (B,)
+    kept = torch.where(mask, token_losses, torch.zeros_like(token_losses))  # NaN at a pad: gone
+    return kept.sum(dim=1) / counted.clamp(min=1)
 
 
 def cross_entropy(

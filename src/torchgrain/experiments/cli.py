@@ -31,7 +31,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"torchgrain: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
         torch.set_num_threads(args.threads)
     try:
         return int(args.func(args))
@@ -115,8 +118,14 @@ def _reproduce(args: argparse.Namespace) -> int:
     from torchgrain.experiments.sweep import sweep
 
     tasks = list(TASKS) if args.task == "all" else [args.task]
-    methods = args.methods or list(SMOKE_METHODS if args.preset == "smoke" else DEFAULT_METHODS)
-    n_seeds = args.seeds or max(size_of(args.preset, t).seeds for t in tasks)
+    methods = list(
+        dict.fromkeys(
+            args.methods or (SMOKE_METHODS if args.preset == "smoke" else DEFAULT_METHODS)
+        )
+    )
+    n_seeds = (
+        args.seeds if args.seeds is not None else max(size_of(args.preset, t).seeds for t in tasks)
+    )
     if n_seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {n_seeds}")
     device = _device(args.device)

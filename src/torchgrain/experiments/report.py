@@ -39,9 +39,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 shared = sorted(set(per_seed) & set(base))
                 a = np.array([per_seed[s] for s in shared])
                 b = np.array([base[s] for s in shared])
-                row["std_ratio"], row["std_ratio_lo"], row["std_ratio_hi"] = std_ratio_ci(
-                    np.array(list(per_seed.values())), np.array(list(base.values()))
-                )
+                row["std_ratio"], row["std_ratio_lo"], row["std_ratio_hi"] = std_ratio_ci(a, b)
                 row["spread_p"] = spread_test(a, b)
                 row["mean_diff"], row["mean_p"] = paired_mean_test(a, b)
             diags = [

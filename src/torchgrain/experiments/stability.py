@@ -15,7 +15,6 @@ The paper's bound says GRAIN's difference should be no larger than the mean's, p
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,10 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from torchgrain.experiments._progress import bar
 from torchgrain.experiments.presets import size_of
 from torchgrain.experiments.runner import Method, train
 from torchgrain.experiments.stats import paired_mean_test
+from torchgrain.experiments.sweep import save_results
 from torchgrain.experiments.tasks import Task, load_task
+
+STABILITY = "stability.json"
 
 
 def stability(
@@ -40,15 +43,15 @@ def stability(
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Train every method on ``pairs`` neighbouring datasets; write ``out/stability.json``."""
-    parsed = [Method.parse(m) for m in methods]
+    parsed = [Method.parse(m) for m in dict.fromkeys(methods)]
+    if pairs < 1:
+        raise ValueError(f"--pairs must be at least 1, got {pairs}")
     task = load_task(task_name, size_of(preset, task_name), device)
     if pairs > len(task.spare):
         raise ValueError(f"--pairs must be at most {len(task.spare)} (spare examples)")
     records = []
     total = pairs * len(parsed) * 2
-    from torchgrain.experiments.sweep import _bar
-
-    bar = _bar(range(total), progress, f"stability {task_name}")
+    pairs_bar = bar(range(total), progress, f"stability {task_name}")
     for p in range(pairs):
         start = {n: w.detach().cpu().clone() for n, w in task.new_model(p).named_parameters()}
         i = int(torch.randint(len(task.train), (), generator=torch.Generator().manual_seed(p)))
@@ -56,18 +59,16 @@ def stability(
         neighbour[i] = task.spare[p]
         for method in parsed:
             model_a, _ = train(task, method, seed=p, train_set=task.train)
-            bar.update(1)
+            pairs_bar.update(1)
             model_b, _ = train(task, method, seed=p, train_set=neighbour)
-            bar.update(1)
+            pairs_bar.update(1)
             records.append(
                 {"task": task_name, "method": method.name, "pair": p, "swapped_index": i}
                 | _compare(task, model_a, model_b, start)
             )
-    bar.close()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "stability.json").write_text(
-        json.dumps({"preset": preset, "task": task_name, "records": records}, indent=1)
-    )
+        # after every pair, atomically: an interrupted experiment keeps its finished pairs
+        save_results(out, {"preset": preset, "task": task_name, "records": records}, STABILITY)
+    pairs_bar.close()
     return records
 
 

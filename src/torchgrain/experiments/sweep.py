@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from torchgrain import __version__
+from torchgrain.experiments._progress import bar
 from torchgrain.experiments.presets import size_of
 from torchgrain.experiments.runner import Method, train
 from torchgrain.experiments.tasks import load_task
@@ -39,12 +40,12 @@ def load_results(out: Path) -> dict[str, Any]:
     return data
 
 
-def save_results(out: Path, data: dict[str, Any]) -> None:
-    """Write ``out/results.json`` atomically."""
+def save_results(out: Path, data: dict[str, Any], name: str = "results.json") -> None:
+    """Write ``out/name`` atomically (a temporary file, then ``os.replace``)."""
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "results.json.tmp"
+    tmp = out / f"{name}.tmp"
     tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, out / "results.json")
+    os.replace(tmp, out / name)
 
 
 def run_config(preset: str, task: str, device: torch.device) -> dict[str, Any]:
@@ -68,6 +69,7 @@ def sweep(
     Args:
         max_runs: stop after this many new runs (a budget; the rest resume next time).
     """
+    methods = list(dict.fromkeys(methods))  # a method named twice runs once
     parsed = [Method.parse(m) for m in methods]
     data = load_results(out)
     done = 0
@@ -80,11 +82,11 @@ def sweep(
         task = load_task(task_name, size_of(preset, task_name), device)
         size = task.size
         steps = (len(task.train) // size.batch) * size.epochs
-        bar = _bar(todo, progress, f"{task_name} runs")
+        runs_bar = bar(todo, progress, f"{task_name} runs")
         for method, seed in todo:
             if max_runs is not None and done >= max_runs:
                 break
-            step_bar = _bar(range(steps), progress, f"{method.name} seed {seed}", leave=False)
+            step_bar = bar(range(steps), progress, f"{method.name} seed {seed}", leave=False)
             try:
                 _, record = train(task, method, seed, on_step=step_bar.update)
             finally:
@@ -99,9 +101,11 @@ def sweep(
             data["runs"].append(record)
             save_results(out, data)
             done += 1
-            bar.update(1)
-            bar.set_postfix_str(f"{method.name} seed {seed}: {task.metric} {record['metric']:.4f}")
-        bar.close()
+            runs_bar.update(1)
+            runs_bar.set_postfix_str(
+                f"{method.name} seed {seed}: {task.metric} {record['metric']:.4f}"
+            )
+        runs_bar.close()
         del task
     return [
         r
@@ -116,22 +120,3 @@ def sweep(
 def _matches(record: dict[str, Any], task: str, config: dict[str, Any]) -> bool:
     c = record.get("config", {})
     return record["task"] == task and all(c.get(k) == v for k, v in config.items())
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix_str(self, s: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _bar(items: Any, progress: bool, desc: str, leave: bool = True) -> Any:
-    if not progress:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=len(items), desc=desc, leave=leave, dynamic_ncols=True)

@@ -18,6 +18,7 @@ norm. On a GPU with bfloat16 the forward runs under bfloat16 autocast; on a CPU 
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -181,7 +182,8 @@ def _classification(size: Size, device: torch.device, autocast: bool) -> Task:
     gen = torch.Generator().manual_seed(SPLIT_SEED)
     by_topic = [[a for a in articles if a.topic == t] for t in range(len(assets.BBC_TOPICS))]
     shuffled = [[arts[i] for i in torch.randperm(len(arts), generator=gen)] for arts in by_topic]
-    order = [a for group in zip(*shuffled, strict=False) for a in group]  # round-robin: stratified
+    rounds = itertools.zip_longest(*shuffled)  # round-robin over topics: every prefix stratified
+    order = [a for group in rounds for a in group if a is not None]  # all 2,225 articles
     tok, base = assets.load_minilm(
         len(assets.BBC_TOPICS), num_layers=size.layers if size.tiny else None
     )
@@ -255,13 +257,14 @@ def _tiny_llama() -> tuple[Any, nn.Module]:
     import transformers
 
     tok = transformers.AutoTokenizer.from_pretrained(assets.minilm_dir())
-    torch.manual_seed(SPLIT_SEED)
     config = transformers.LlamaConfig(
         vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
         tie_word_embeddings=True,
     )  # fmt: skip
-    return tok, transformers.LlamaForCausalLM(config)
+    with torch.random.fork_rng(devices=[]):  # the global generator is the caller's
+        torch.manual_seed(SPLIT_SEED)
+        return tok, transformers.LlamaForCausalLM(config)
 
 
 def _split(rows: list, size: Size) -> tuple[list, list, list]:

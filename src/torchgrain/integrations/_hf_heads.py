@@ -3,10 +3,11 @@
 The head is found by the model's class (a PEFT wrapper is looked through): the ``transformers``
 auto-mapping names, then the class-name suffix (``...ForSequenceClassification``,
 ``...ForTokenClassification``, ``...ForCausalLM`` / ``...LMHeadModel``, ``...ForMaskedLM``).
-Each head's per-sample loss is the one whose mean is the head's own mean-reduced loss
-(:mod:`torchgrain.losses`); for sequence classification ``config.problem_type`` picks regression,
-single-label or multi-label exactly as the model does (inferred from ``num_labels`` and the labels'
-dtype when unset).
+Each head's per-sample loss is the per-sample form of the head's own loss
+(:mod:`torchgrain.losses`; its mean is the head's mean-reduced loss when every sample counts the
+same number of tokens). For sequence classification ``config.problem_type`` picks regression,
+single-label or multi-label exactly as the model does (inferred from ``num_labels`` and the
+labels' dtype when unset).
 """
 
 from __future__ import annotations
@@ -45,7 +46,13 @@ def base_model(model: nn.Module) -> nn.Module:
 
 
 def head_kind(model: nn.Module) -> str | None:
-    """One of the four heads above, or ``None`` for a model GrainTrainer cannot score itself."""
+    """One of the four heads above, or ``None`` for a model GrainTrainer cannot score itself.
+
+    Encoder-decoder models (BART, T5, ...) are ``None``: their decoder inputs are built from the
+    labels, which the per-sample loss keeps out of the forward (override
+    ``compute_per_sample_losses`` for them)."""
+    if getattr(getattr(base_model(model), "config", None), "is_encoder_decoder", False):
+        return None
     name = type(base_model(model)).__name__
     from transformers.models.auto import modeling_auto
 

@@ -39,6 +39,7 @@ import sys
 from typing import Any
 
 import torch
+import transformers
 from torch import Tensor, nn
 from transformers import Trainer
 
@@ -52,6 +53,13 @@ __all__ = ["GrainTrainer"]
 
 _STATE_FILE = "grain_state.pt"
 
+if int(transformers.__version__.split(".")[0]) < 5:
+    raise ImportError(
+        f"GrainTrainer needs transformers >= 5 (found {transformers.__version__}): it ends an "
+        "accumulation window on the sync_gradients flag that Trainer 5 sets before each "
+        "micro-batch; pip install -U 'torchgrain[hf]'"
+    )
+
 
 class GrainTrainer(Trainer):
     """``transformers.Trainer`` whose backward is GRAIN's min-norm combination of group gradients.
@@ -60,7 +68,8 @@ class GrainTrainer(Trainer):
 
     Args:
         num_groups: m, groups per micro-batch (``None`` only with ``grain_grouping="key"``).
-            ``num_groups=1`` without accumulation is plain ``Trainer``, step for step. A batch of
+            ``num_groups=1`` without accumulation is plain ``Trainer``, step for step (for LM and
+            token heads: when every sequence counts as many tokens). A batch of
             fewer than m samples (an epoch's short last batch) gets one group per sample.
         grain_grouping: ``"contiguous"``, ``"random"`` or ``"key"`` (see :class:`GRAIN`).
         grain_key: with ``"key"``: the batch field holding one integer key per sample (a dataset

@@ -11,9 +11,9 @@ GRAIN replaces ``backward``, so the module steps its optimizer itself
 :func:`grain_step` does, in order: ``optimizer.zero_grad()``; ``grain.backward(losses)`` (with
 autocast off, so that a ``bf16-mixed`` forward does not drag the Gram into bfloat16); optional
 norm clipping by ``module.clip_gradients``; ``optimizer.step()`` and the LR scheduler's ``step()``
-unless GRAIN skipped the step (``nonfinite="skip"``: then ``.grad`` stays zero, neither steps and
-``trainer.global_step`` does not advance); ``module.log_dict`` of ``stats.to_dict()`` (``grain/...``
-keys, so TensorBoard, W&B and ``CSVLogger`` get them).
+unless GRAIN skipped the step (``nonfinite="skip"``: then ``.grad`` is left as ``zero_grad``
+made it, neither steps and ``trainer.global_step`` does not advance); ``module.log_dict`` of
+``stats.to_dict()`` (``grain/...`` keys, so TensorBoard, W&B and ``CSVLogger`` get them).
 
 It does not go through ``self.manual_backward``: GRAIN's backward is ``torch.autograd.grad`` on
 the per-sample losses, not ``loss.backward()``, so the ``on_before_backward`` /

@@ -42,13 +42,18 @@ def _weight_grads(A: Tensor, Bk: Tensor, groups: GroupIndex) -> Tensor:
     )
 
 
-GHOST_MAX_TOKENS = 4096  # the (N, N) buffers stay under 64 MiB
+GHOST_MAX_TOKENS = 4096  # at most four (N, N) float32 buffers: 256 MiB
 GHOST_CANCELLATION = 1e-3  # float32 keeps ~4 digits of a Gram diagonal at this cancellation
 
 
 def ghost_weight_gram(A: Tensor, Bk: Tensor, groups: GroupIndex) -> Tensor | None:
     """``(m, m)`` float64 Gram of the weight's group gradients from the tokens, or ``None``
-    when materialising the group gradients is cheaper (see the module docstring)."""
+    when materialising the group gradients is cheaper (see the module docstring).
+
+    CPU only: its cancellation check reads the block on the host, and its float64 redo would be
+    slow on GPUs whose float64 rate is a small fraction of float32's (not measured yet)."""
+    if A.device.type != "cpu":
+        return None
     d_in, d_out = A.shape[-1], Bk.shape[-1]
     a, b = A.reshape(-1, d_in), Bk.reshape(-1, d_out)  # (N, in), (N, out)
     N = a.shape[0]
@@ -56,11 +61,11 @@ def ghost_weight_gram(A: Tensor, Bk: Tensor, groups: GroupIndex) -> Tensor | Non
         return None
     token_groups = groups.ids.repeat_interleave(N // groups.batch_size)  # (N,)
     onehot = torch.nn.functional.one_hot(token_groups, groups.m)  # (N, m)
-    if a.dtype != torch.float64 and a.device.type == "cpu":
+    if a.dtype != torch.float64:
         # float32 products; redone in float64 when the token terms cancel so much (gradients
         # of a group's tokens that point against each other) that float32 would lose the block
         a32, b32 = a.float(), b.float()
-        terms = (a32 @ a32.T) * (b32 @ b32.T)  # (N, N)
+        terms = (a32 @ a32.T).mul_(b32 @ b32.T)  # (N, N)
         s = onehot.float()
         block = s.T @ terms @ s  # (m, m)
         scale = s.T @ terms.abs() @ s
@@ -69,7 +74,7 @@ def ghost_weight_gram(A: Tensor, Bk: Tensor, groups: GroupIndex) -> Tensor | Non
         if math.isfinite(top) and top >= 1e-30 and bool((diag >= GHOST_CANCELLATION * bound).all()):
             return block.to(torch.float64)
     a64, b64, s64 = a.double(), b.double(), onehot.double()
-    return s64.T @ ((a64 @ a64.T) * (b64 @ b64.T)) @ s64
+    return s64.T @ (a64 @ a64.T).mul_(b64 @ b64.T) @ s64
 
 
 def _bias_grads(Bk: Tensor, groups: GroupIndex) -> Tensor:
