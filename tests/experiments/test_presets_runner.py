@@ -36,3 +36,13 @@ def test_method_names_parse(name, groups, rescaled):
 def test_bad_method_name_says_what_is_accepted(name):
     with pytest.raises(ValueError, match="grain-m<m>"):
         Method.parse(name)
+
+
+def test_bench_passes_its_options_to_the_step_benchmark(capfd):
+    from torchgrain.experiments.cli import main
+
+    with pytest.raises(SystemExit) as help_exit:  # the subcommand's own help
+        main(["bench", "--help"])
+    assert help_exit.value.code == 0
+    assert main(["bench", "--only", "plain", "--bogus"]) == 2  # step.py's argparse rejects it
+    assert "--bogus" in capfd.readouterr().err

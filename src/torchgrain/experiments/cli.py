@@ -26,6 +26,13 @@ SMOKE_METHODS = ("mean", "grain-m4")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"] and argv[1:2] not in (["-h"], ["--help"]):
+        try:  # every option goes to benchmarks/step.py as it is
+            return _bench(argv[1:])
+        except FileNotFoundError as err:
+            print(f"torchgrain bench: error: {err}", file=sys.stderr)
+            return 2
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -90,12 +97,12 @@ def _parser() -> argparse.ArgumentParser:
     _common(stab, "runs/stability")
     stab.set_defaults(func=_stability)
 
-    bench = sub.add_parser(
+    sub.add_parser(
         "bench",
         help="step time and peak memory of each engine vs plain training (benchmarks/step.py)",
+        description="Runs benchmarks/step.py of a source checkout with every option passed on "
+        "(e.g. torchgrain bench --steps 5 --groups 2 8); see python benchmarks/step.py --help.",
     )
-    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to benchmarks/step.py")
-    bench.set_defaults(func=_bench, threads=None)
     return parser
 
 
@@ -180,14 +187,14 @@ def _stability(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
+def _bench(options: list[str]) -> int:
     script = Path(__file__).resolve().parents[3] / "benchmarks" / "step.py"
     if not script.exists():
         raise FileNotFoundError(
             f"{script} not found: `torchgrain bench` runs the benchmarks of a source checkout "
             "(git clone, then pip install -e .)"
         )
-    return subprocess.call([sys.executable, str(script), *args.args], env=os.environ.copy())
+    return subprocess.call([sys.executable, str(script), *options], env=os.environ.copy())
 
 
 if __name__ == "__main__":
