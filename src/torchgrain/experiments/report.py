@@ -66,18 +66,11 @@ def table(rows: list[dict[str, Any]], task: str, description: str = "") -> str:
         f"{'s/run':>6}",
     ]
     for r in of_task:
-        ratio = (
-            f"{r['std_ratio']:.2f} [{r['std_ratio_lo']:.2f}, {r['std_ratio_hi']:.2f}]"
-            if "std_ratio" in r and not math.isnan(r["std_ratio"])
-            else "—"
-        )
-        spread = _num(r.get("spread_p"), ".2f")
-        diff = f"{r['mean_diff']:+.4f} ({r['mean_p']:.2f})" if "mean_diff" in r else "—"
+        c = _cells(r)
         lines.append(
-            f"  {r['method']:<20} {r['seeds']:>5} {r['mean']:>8.4f} ± {_num(r['std'], '.4f'):<6} "
-            f"{ratio:>22} {spread:>8} {diff:>17} {_num(r['conflict_share'], '.0%'):>8} "
-            f"{_num(r['d_over_mean'], '.2f'):>8} {_num(r['active_groups'], '.1f'):>6} "
-            f"{r['seconds']:>6.1f}"
+            f"  {r['method']:<20} {r['seeds']:>5} {r['mean']:>8.4f} ± {c['std']:<6} "
+            f"{c['ratio']:>22} {c['spread']:>8} {c['diff']:>17} {c['conflict']:>8} "
+            f"{c['d']:>8} {c['active']:>6} {r['seconds']:>6.1f}"
         )
     return "\n".join(lines)
 
@@ -90,19 +83,11 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        metric = f"{r['task']} ({r['metric_name']})"
-        ratio = (
-            f"{r['std_ratio']:.2f} [{r['std_ratio_lo']:.2f}, {r['std_ratio_hi']:.2f}]"
-            if "std_ratio" in r and not math.isnan(r["std_ratio"])
-            else "—"
-        )
-        diff = f"{r['mean_diff']:+.4f} ({r['mean_p']:.2f})" if "mean_diff" in r else "—"
+        c = _cells(r)
         lines.append(
-            f"| {metric} | {r['method']} | {r['seeds']} "
-            f"| {r['mean']:.4f} ± {_num(r['std'], '.4f')} | {ratio} "
-            f"| {_num(r.get('spread_p'), '.2f')} | {diff} "
-            f"| {_num(r['conflict_share'], '.0%')} | {_num(r['d_over_mean'], '.2f')} "
-            f"| {_num(r['active_groups'], '.1f')} |"
+            f"| {r['task']} ({r['metric_name']}) | {r['method']} | {r['seeds']} "
+            f"| {r['mean']:.4f} ± {c['std']} | {c['ratio']} | {c['spread']} | {c['diff']} "
+            f"| {c['conflict']} | {c['d']} | {c['active']} |"
         )
     return "\n".join(lines)
 
@@ -172,6 +157,24 @@ def plot(runs: list[dict[str, Any]], out: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _cells(r: dict[str, Any]) -> dict[str, str]:
+    """A summary row's formatted cells, shared by the printed and the Markdown tables."""
+    ratio = (
+        f"{r['std_ratio']:.2f} [{r['std_ratio_lo']:.2f}, {r['std_ratio_hi']:.2f}]"
+        if "std_ratio" in r and not math.isnan(r["std_ratio"])
+        else "—"
+    )
+    return {
+        "std": _num(r["std"], ".4f"),
+        "ratio": ratio,
+        "spread": _num(r.get("spread_p"), ".2f"),
+        "diff": f"{r['mean_diff']:+.4f} ({r['mean_p']:.2f})" if "mean_diff" in r else "—",
+        "conflict": _num(r["conflict_share"], ".0%"),
+        "d": _num(r["d_over_mean"], ".2f"),
+        "active": _num(r["active_groups"], ".1f"),
+    }
 
 
 def _smooth(x: np.ndarray, width: int = 8) -> np.ndarray:
