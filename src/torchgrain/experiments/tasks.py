@@ -101,10 +101,7 @@ class Task:
 
     def losses(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         """Per-sample losses ``(B,)`` of a batch (the forward under the task's autocast)."""
-        with self._autocast():
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
+        logits = self._logits(model, batch)
         if self.name == "classification":
             return per_sample.cross_entropy(logits, batch["labels"])
         if self.name == "regression":
@@ -112,20 +109,16 @@ class Task:
         return per_sample.causal_lm(logits, batch["labels"])
 
     # ----------------------------------------------------------------------------- evaluate
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, examples: list[Example] | None = None) -> dict[str, float]:
         """The test metric (first key) and extras, with the model in eval mode."""
-        model.eval()
-        try:
-            outs = [self._predict(model, chunk) for chunk in _chunks(examples or self.test, 32)]
-        finally:
-            model.train()
+        examples = examples or self.test
+        outs = self._outputs(model, examples, raw=False)
         if self.name == "generation":
             nll = sum(o[0] for o in outs)
             count = sum(o[1] for o in outs)
             return {"perplexity": math.exp(nll / count), "test_loss": nll / count}
         pred = torch.cat([o[0] for o in outs])  # (N,) or (N, C)
-        target = torch.tensor([e.target for e in (examples or self.test)])
+        target = torch.tensor([e.target for e in examples])
         if self.name == "classification":
             return {"accuracy": float((pred.argmax(1) == target.long()).float().mean())}
         pred = pred.squeeze(1)
@@ -135,13 +128,16 @@ class Task:
 
     def predictions(self, model: nn.Module, examples: list[Example]) -> Tensor:
         """Test predictions for the stability experiment: probabilities, ratings or token NLLs."""
+        return torch.cat([o[0] for o in self._outputs(model, examples, raw=True)])
+
+    @torch.no_grad()
+    def _outputs(self, model: nn.Module, examples: list[Example], raw: bool) -> list[tuple]:
+        """:meth:`_predict` over chunks of 32 examples, with the model in eval mode meanwhile."""
         model.eval()
         try:
-            with torch.no_grad():
-                outs = [self._predict(model, chunk, raw=True) for chunk in _chunks(examples, 32)]
+            return [self._predict(model, chunk, raw) for chunk in _chunks(examples, 32)]
         finally:
             model.train()
-        return torch.cat([o[0] for o in outs])
 
     def _predict(self, model: nn.Module, examples: list[Example], raw: bool = False) -> tuple:
         batch = self.batch(examples)
@@ -151,17 +147,17 @@ class Task:
             if raw:
                 return (per_seq.float().cpu(),)
             return float((per_seq * scored).sum()), int(scored.sum())
-        with self._autocast():
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
-        logits = logits.float().cpu()
+        logits = self._logits(model, batch).float().cpu()
         if raw and self.name == "classification":
             return (logits.softmax(1),)
         return (logits,)
 
-    def _autocast(self) -> Any:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+    def _logits(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """The model's logits for a batch, the forward under the task's bfloat16 autocast."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
 
 
 def load_task(name: str, size: Size, device: torch.device | str = "cpu") -> Task:
