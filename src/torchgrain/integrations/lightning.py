@@ -8,12 +8,13 @@ GRAIN replaces ``backward``, so the module steps its optimizer itself
         losses = F.cross_entropy(self(x), y, reduction="none")  # (B,)
         grain_step(self, self.grain, losses)  # zero_grad, GRAIN backward, step, log grain/...
 
-:func:`grain_step` does, in order: ``optimizer.zero_grad()``; ``grain.backward(losses)`` (with
-autocast off, so that a ``bf16-mixed`` forward does not drag the Gram into bfloat16); optional
-norm clipping by ``module.clip_gradients``; ``optimizer.step()`` and the LR scheduler's ``step()``
-unless GRAIN skipped the step (``nonfinite="skip"``: then ``.grad`` is left as ``zero_grad``
-made it, neither steps and ``trainer.global_step`` does not advance); ``module.log_dict`` of
-``stats.to_dict()`` (``grain/...`` keys, so TensorBoard, W&B and ``CSVLogger`` get them).
+:func:`grain_step` does, in order: ``optimizer.zero_grad()``; ``grain.backward(losses)`` (which
+turns autocast off for its own arithmetic, so a ``bf16-mixed`` forward leaves the Gram in
+float32/64); optional norm clipping by ``module.clip_gradients``; ``optimizer.step()`` and the LR
+scheduler's ``step()`` unless GRAIN skipped the step (``nonfinite="skip"``: then ``.grad`` is
+left as ``zero_grad`` made it, neither steps and ``trainer.global_step`` does not advance);
+``module.log_dict`` of ``stats.to_dict()`` (``grain/...`` keys, so TensorBoard, W&B and
+``CSVLogger`` get them).
 
 It does not go through ``self.manual_backward``: GRAIN's backward is ``torch.autograd.grad`` on
 the per-sample losses, not ``loss.backward()``, so the ``on_before_backward`` /
@@ -50,7 +51,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from torchgrain._grain import GRAIN
@@ -98,10 +98,9 @@ def grain_step(
                 "with the one that trains the parameters GRAIN was built on"
             )
     optimizer.zero_grad()
-    # Autocast off: under bf16-mixed, Lightning runs training_step in autocast, which would
-    # compute the engine's Gram matmuls in bfloat16.
-    with torch.autocast(device_type=losses.device.type, enabled=False):
-        stats = grain.backward(losses, groups, keys=keys)
+    # Lightning runs training_step under autocast with bf16-mixed; GRAIN.backward turns it off
+    # for the Gram and d itself.
+    stats = grain.backward(losses, groups, keys=keys)
     if not stats.skipped:
         if gradient_clip_val is not None:
             module.clip_gradients(
