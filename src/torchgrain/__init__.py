@@ -7,6 +7,10 @@ gradients, so that no group's loss increases to first order::
     losses = criterion(model(x), y)      # (B,), reduction="none"
     stats = grain.backward(losses)       # instead of losses.mean().backward()
     optimizer.step()
+
+``GRAIN(model, num_groups=8, aggregator="dual_proj")`` keeps the same one-backward engine and
+combines the group gradients by another rule: ``"mean"``, ``"dual_proj"``, ``"upgrad"``,
+``"cagrad"`` or any callable ``(gram, pref) -> weights``.
 """
 
 from torchgrain import losses
@@ -14,7 +18,12 @@ from torchgrain._errors import NonFiniteError
 from torchgrain._grain import GRAIN
 from torchgrain._stats import GrainStats
 from torchgrain.grouping import contiguous_groups, key_groups, random_groups
-from torchgrain.solvers import min_norm_weights
+from torchgrain.solvers import (
+    cagrad_weights,
+    dual_proj_weights,
+    min_norm_weights,
+    upgrad_weights,
+)
 
 __version__ = "0.1.0"
 
@@ -23,9 +32,12 @@ __all__ = [
     "GrainStats",
     "NonFiniteError",
     "__version__",
+    "cagrad_weights",
     "contiguous_groups",
+    "dual_proj_weights",
     "key_groups",
     "losses",
     "min_norm_weights",
     "random_groups",
+    "upgrad_weights",
 ]

@@ -24,7 +24,13 @@ from torchgrain.engines import (
 from torchgrain.engines.rules._base import GroupGrad, cat, gram_of, weighted_sum
 from torchgrain.grouping import contiguous_groups, key_groups, random_groups
 from torchgrain.integrations.distributed import RankExchange, flatten, unflatten
-from torchgrain.solvers import Solution, solve
+from torchgrain.solvers import (
+    AggregatorLike,
+    Solution,
+    aggregate,
+    aggregator_name,
+    check_aggregator,
+)
 
 Grouping = Literal["contiguous", "random", "key"]
 NonFinite = Literal["raise", "skip"]
@@ -49,6 +55,23 @@ class GRAIN:
     so that :math:`\langle d, g_k \rangle \ge \|d\|^2 \ge 0` for every group: no group's loss
     increases to first order. With one group, ``d`` is the mean gradient and GRAIN is plain
     training. The optimizer then steps on ``.grad`` as usual.
+
+    The min-norm point is one *aggregator*: a map from the Gram and the preferred weights
+    :math:`p_k = |S_k| / B` (those of the sample mean, :math:`\bar g = \sum_k p_k g_k`) to
+    non-negative weights :math:`w`, with :math:`d = \sum_k w_k g_k` at the same one-backward cost:
+
+    ============== ================================================================ ===============
+    aggregator     d                                                                guarantee
+    ============== ================================================================ ===============
+    ``min_norm``   the min-norm point of the hull (:func:`min_norm_weights`)        <d, g_k> >= |d|²
+    ``mean``       :math:`\bar g`, as ``losses.mean().backward()``                  none
+    ``dual_proj``  :math:`\bar g` projected onto the dual cone; :math:`\bar g` when    <d, g_k> >= 0
+                   it conflicts with no group (:func:`dual_proj_weights`)
+    ``upgrad``     :math:`\sum_k p_k` (g_k projected onto the dual cone)             <d, g_k> >= 0
+                   (:func:`upgrad_weights`)
+    ``cagrad``     best worst-group decrease within :math:`\|d - \bar g\| \le        none
+                   0.5 \|\bar g\|` (:func:`cagrad_weights`)
+    ============== ================================================================ ===============
 
     Args:
         model_or_params: an ``nn.Module`` (its parameters with ``requires_grad``), or an iterable
@@ -76,6 +99,14 @@ class GRAIN:
             ``optimizer.step()`` too). Never a NaN step.
         allow_unused: if False (default), a parameter that no group's loss reaches is an error,
             as in ``torch.autograd.grad``; if True its ``.grad`` is left as it is.
+        aggregator: how the group gradients are combined: ``"min_norm"`` (default, the paper's
+            GRAIN), ``"mean"`` (the sample mean with every diagnostic: the baseline at GRAIN's
+            cost), ``"dual_proj"``, ``"upgrad"``, ``"cagrad"`` (c = 0.5), or a callable
+            ``(gram, pref) -> weights`` called with the non-empty groups' ``(m', m')`` float64
+            Gram and their ``(m',)`` float64 preferred weights (sizes / B) on the CPU, returning
+            ``(m',)`` finite non-negative weights; e.g. ``lambda G, p: cagrad_weights(G, 0.3,
+            p)``. Under ``process_group`` every rank calls it on the same bits: it must be
+            deterministic.
         process_group: a ``torch.distributed`` process group (e.g. ``dist.group.WORLD``) for
             data-parallel training: every rank's groups are global groups, and after
             ``backward`` every rank holds the same ``.grad`` (see
@@ -111,6 +142,7 @@ class GRAIN:
         process_group: Any = None,
         nonfinite: NonFinite = "raise",
         allow_unused: bool = False,
+        aggregator: AggregatorLike = "min_norm",
     ) -> None:
         if num_groups is not None and (
             isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1
@@ -129,6 +161,9 @@ class GRAIN:
             raise ValueError(f"memory_budget must be >= 0 bytes, got {memory_budget!r}")
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        check_aggregator(aggregator)
+        self.aggregator = aggregator
+        self._aggregator_name = aggregator_name(aggregator)
         self.num_groups = num_groups
         self.grouping: Grouping = grouping
         if engine == "auto":
@@ -255,14 +290,14 @@ class GRAIN:
             if self._acc is None or not ok:
                 return self._collect(part, m, sizes)
             self._acc.parts.append(part)
-            local = solve(gram_host, check=False)  # this micro-batch's own diagnostics
+            local = self._solve(gram_host, sizes, present)  # this micro-batch's own diagnostics
             return self._stats(
                 local.weights, gram_present, sizes, present, local, 0.0, engine.name, fallback
             )
         if not ok:
             return self._nonfinite(sizes, "gradients contain NaN or Inf")
         started = time.perf_counter()
-        solution = solve(gram_host, check=False)
+        solution = self._solve(gram_host, sizes, present)
         seconds = time.perf_counter() - started
         update = engine.combine(solution.weights.to(ids.device))  # d per parameter
         self._write(update)
@@ -276,7 +311,9 @@ class GRAIN:
         if self._acc is None:
             return self._apply([part], self._engine.name)
         self._acc.parts.append(part)
-        return skipped_stats(m, sizes, "NaN or Inf in this micro-batch", self._engine.name)
+        return skipped_stats(
+            m, sizes, "NaN or Inf in this micro-batch", self._engine.name, self._aggregator_name
+        )
 
     def _apply(self, parts: list[_Part], engine: str) -> GrainStats:
         """The min-norm step over the groups of several micro-batches and/or ranks."""
@@ -306,7 +343,7 @@ class GRAIN:
         present = (sizes > 0).nonzero().squeeze(-1)
         gram_present = gram[present][:, present]
         started = time.perf_counter()
-        solution = solve(gram_present.cpu(), check=False)
+        solution = self._solve(gram_present.cpu(), sizes, present)
         seconds = time.perf_counter() - started
         weights = torch.zeros(len(sizes), dtype=torch.float64)
         weights[present.cpu()] = solution.weights
@@ -324,6 +361,12 @@ class GRAIN:
             solution.weights, gram_present, sizes, present, solution, seconds, engine, fallback
         )
 
+    def _solve(self, gram_host: Tensor, sizes: Tensor, present: Tensor) -> Solution:
+        """The solve stage on the host: the non-empty groups' ``(m', m')`` Gram -> weights, with
+        the sample mean's weights (sizes / B) as the preferred combination."""
+        pref = sizes[present].to("cpu", torch.float64) / sizes.sum().cpu()  # (m',)
+        return aggregate(self.aggregator, gram_host.to(torch.float64), pref)
+
     def _write(self, update: list[Tensor | None]) -> None:
         """``.grad += d`` (or ``= d``), the only place GRAIN writes gradients."""
         for p, d in zip(self.params, update, strict=True):
@@ -335,8 +378,8 @@ class GRAIN:
                 p.grad.add_(d)
         self.step += 1
 
-    @staticmethod
     def _stats(
+        self,
         weights_present: Tensor,
         gram_present: Tensor,
         sizes: Tensor,
@@ -360,6 +403,7 @@ class GRAIN:
             solver_seconds=seconds,
             engine=engine,
             fallback=fallback,
+            aggregator=self._aggregator_name,
         )
 
     # ---------------------------------------------------------------------------- accumulation
@@ -501,12 +545,12 @@ class GRAIN:
                 "such "
                 "steps, or lower the learning rate / check the data"
             )
-        return skipped_stats(m, sizes, reason, self.engine_name)
+        return skipped_stats(m, sizes, reason, self.engine_name, self._aggregator_name)
 
     def __repr__(self) -> str:
         return (
             f"GRAIN(num_groups={self.num_groups}, grouping={self.grouping!r}, "
-            f"engine={self.engine_name!r}, "
+            f"engine={self.engine_name!r}, aggregator={self._aggregator_name!r}, "
             f"nonfinite={self.nonfinite!r}, params={len(self.params)}, "
             f"numel={sum(p.numel() for p in self.params)})"
         )

@@ -19,15 +19,21 @@ class GrainStats:
     the combined gradient ``d = sum_k w_k g_k`` and the mean gradient ``sum_k (n_k / B) g_k``.
 
     Attributes:
-        weights: ``(m,)`` float64 min-norm weights ``w*`` (0 for empty groups).
+        weights: ``(m,)`` float64 weights of the aggregator, ``d = sum_k w_k g_k`` (the min-norm
+            ``w*`` by default; 0 for empty groups).
         gram: ``(m, m)`` float64 Gram ``G_kl = <g_k, g_l>`` of the group gradients.
         group_sizes: ``(m,)`` int64 number of samples per group.
         mean_grad_norm: ``()`` ``||mean gradient||`` (what ``losses.mean().backward()`` gives).
         d_norm: ``()`` ``||d||``.
-        min_inner: ``()`` ``min_k <d, g_k>`` over non-empty groups; ``>= ||d||^2`` at the optimum.
+        min_inner: ``()`` ``min_k <d, g_k>`` over non-empty groups; ``>= ||d||^2`` for the
+            min-norm point, ``>= 0`` for ``dual_proj`` and ``upgrad``.
         min_cos: ``()`` ``min_k cos(d, g_k)``; NaN when ``d = 0``.
         mean_conflict: ``()`` bool: the mean gradient has a negative inner product with some group
             (a plain step would increase that group's loss to first order).
+        mean_distance: ``()`` ``||d - mean gradient|| / ||mean gradient||``: how far the step is
+            from plain training's (0 for ``"mean"``; NaN when the mean gradient is 0).
+        differs_from_mean: ``()`` bool: the weights differ from the sample mean's (group sizes /
+            B) in any bit; ``dual_proj`` and ``upgrad`` keep them exactly on conflict-free steps.
         active_groups: ``()`` int64 number of groups with positive weight.
         gram_condition: ``()`` condition number of the non-empty groups' Gram (inf if singular).
         solver_gap: ``()`` relative optimality gap of the QP (about 1e-15).
@@ -39,6 +45,7 @@ class GrainStats:
         engine: the engine that computed the Gram.
         fallback: parameters whose group gradients the fused engine took from the exact
             fallback (per-group autograd), each with the reason; empty for the loop engine.
+        aggregator: the aggregator's name (a callable's ``__name__``).
     """
 
     weights: Tensor
@@ -49,6 +56,8 @@ class GrainStats:
     min_inner: Tensor
     min_cos: Tensor
     mean_conflict: Tensor
+    mean_distance: Tensor
+    differs_from_mean: Tensor
     active_groups: Tensor
     gram_condition: Tensor
     solver_gap: Tensor
@@ -58,6 +67,7 @@ class GrainStats:
     reason: str = ""
     engine: str = "loop"
     fallback: dict[str, str] = field(default_factory=dict)
+    aggregator: str = "min_norm"
 
     @property
     def num_groups(self) -> int:
@@ -66,7 +76,8 @@ class GrainStats:
 
     @property
     def d_over_mean(self) -> Tensor:
-        """``||d|| / ||mean gradient||`` (<= 1; the step GRAIN takes relative to SGD's)."""
+        """``||d|| / ||mean gradient||``: the step GRAIN takes relative to SGD's (<= 1 for
+        ``min_norm`` and ``dual_proj``; up to 1 + c for ``cagrad``)."""
         return self.d_norm / self.mean_grad_norm
 
     def to_dict(self, prefix: str = "grain/") -> dict[str, float]:
@@ -88,6 +99,8 @@ class GrainStats:
             "min_inner": self.min_inner,
             "min_cos": self.min_cos,
             "mean_conflict": self.mean_conflict,
+            "mean_distance": self.mean_distance,
+            "differs_from_mean": self.differs_from_mean,
             "active_groups": self.active_groups,
             "gram_condition": self.gram_condition,
             "solver_gap": self.solver_gap,
@@ -113,6 +126,8 @@ def compute_stats(
     d_norm2 = (weights @ Gw).clamp_min(0.0)
     g_norm = gram.diagonal().clamp_min(0.0).sqrt()  # (m,)
     d_norm = d_norm2.sqrt()
+    delta = weights - share  # (m,) d - mean = sum_k delta_k g_k
+    mean_norm = (share @ Gs).clamp_min(0.0).sqrt()
     inf = torch.tensor(torch.inf, dtype=torch.float64, device=gram.device)
     cos = Gw / (g_norm * d_norm)
     usable = nonempty & (g_norm > 0)
@@ -123,18 +138,22 @@ def compute_stats(
         weights=weights,
         gram=gram,
         group_sizes=group_sizes,
-        mean_grad_norm=(share @ Gs).clamp_min(0.0).sqrt(),
+        mean_grad_norm=mean_norm,
         d_norm=d_norm,
         min_inner=torch.where(nonempty, Gw, inf).amin(),
         min_cos=torch.where(usable, cos, inf).amin().where(d_norm > 0, torch.nan),
         mean_conflict=(torch.where(nonempty, Gs, inf) < 0).any(),
+        mean_distance=(delta @ gram @ delta).clamp_min(0.0).sqrt() / mean_norm,
+        differs_from_mean=(nonempty & (weights != share)).any(),
         active_groups=(weights > 0).sum(),
         gram_condition=condition,
         **solver,  # type: ignore[arg-type]
     )
 
 
-def skipped_stats(num_groups: int, group_sizes: Tensor, reason: str, engine: str) -> GrainStats:
+def skipped_stats(
+    num_groups: int, group_sizes: Tensor, reason: str, engine: str, aggregator: str = "min_norm"
+) -> GrainStats:
     """Stats of a step skipped for NaN/Inf: every tensor NaN, ``skipped=True``."""
     nan = torch.full((), torch.nan, dtype=torch.float64, device=group_sizes.device)
     return GrainStats(
@@ -148,6 +167,8 @@ def skipped_stats(num_groups: int, group_sizes: Tensor, reason: str, engine: str
         min_inner=nan,
         min_cos=nan,
         mean_conflict=torch.zeros((), dtype=torch.bool, device=nan.device),
+        mean_distance=nan,
+        differs_from_mean=torch.zeros((), dtype=torch.bool, device=nan.device),
         active_groups=torch.zeros((), dtype=torch.int64, device=nan.device),
         gram_condition=nan,
         solver_gap=nan,
@@ -156,4 +177,5 @@ def skipped_stats(num_groups: int, group_sizes: Tensor, reason: str, engine: str
         skipped=True,
         reason=reason,
         engine=engine,
+        aggregator=aggregator,
     )
