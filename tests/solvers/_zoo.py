@@ -34,6 +34,9 @@ def zoo() -> dict[str, Tensor]:
         "duplicate_of_optimum": _gram(torch.cat([randn(3, 50)] * 2)),
         "rank_deficient_8_in_3": _gram(randn(8, 3) @ randn(3, 50)),
         "more_groups_than_dims": _gram(randn(16, 4)),
+        # Rank 3 with a common direction: CAGrad's cone QP meets vectors in the span of its
+        # passive set here (its ray step).
+        "rank_deficient_12_in_3_shared": _gram(randn(12, 3) @ (0.3 * base + randn(3, 50))),
         "near_identical_8": _gram(base + 1e-3 * randn(8, 50)),
         "near_identical_64": _gram(base + 1e-2 * randn(64, 50)),
         "one_zero_gradient": _gram(

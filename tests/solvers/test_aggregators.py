@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from tests.solvers._zoo import zoo
-from torchgrain import cagrad_weights, dual_proj_weights, upgrad_weights
+from torchgrain import cagrad_weights, dual_proj_weights, min_norm_weights, upgrad_weights
 from torchgrain.solvers import Solution, cagrad, dual_proj, upgrad
 
 ZOO = zoo()
@@ -42,7 +42,9 @@ def prefs(m: int) -> dict[str, Tensor]:
 CASES = [
     (name, pname)
     for name in sorted(ZOO)
-    for pname in (["uniform"] if ZOO[name].shape[0] > 64 else ["uniform", "random", "one_hot", "sizes"])
+    for pname in (
+        ["uniform"] if ZOO[name].shape[0] > 64 else ["uniform", "random", "one_hot", "sizes"]
+    )
 ]
 
 
@@ -78,7 +80,12 @@ def cagrad_kkt(gram: Tensor, pref: Tensor, w: Tensor, c: float) -> float:
     support = torch.where(lam > 0, mu - level, 0.0).abs().max()
     r2 = c * c * float(pref @ gram @ pref)
     dist2 = float(lam @ gram @ lam)
-    ball = abs(dist2 - r2) if (lam > 0).any() and level > 0 or r2 == 0 else max(dist2 - r2, 0.0)
+    ball = abs(dist2 - r2)
+    w0 = min_norm_weights(gram)
+    if abs(level) <= TOL * scale and float(w0 @ gram @ w0) <= 1e-10 * scale_of(gram):
+        # The origin is in the hull (to the solver's documented 1e-10): no level above 0 exists,
+        # and level 0 needs no tight ball.
+        ball = max(dist2 - r2, 0.0)
     return max(float(support) / (scale_of(gram) * (1 + float(lam.sum()))), ball / scale)
 
 
@@ -203,7 +210,7 @@ def test_conflict_free_gives_the_preferred_combination_exactly(aggregator: str) 
 def test_dual_proj_keeps_a_conflict_free_mean_among_conflicting_groups() -> None:
     """The mean conflicts with no group although two groups conflict with each other: dual_proj
     keeps the mean exactly, UPGrad does not, the min-norm point moves away."""
-    F = torch.tensor([[1.0, 0.3], [-0.2, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    F = torch.tensor([[1.0, 0.0], [-0.3, 1.0], [1.0, 1.0]], dtype=torch.float64)
     gram = F @ F.T
     assert float(gram[0, 1]) < 0 and bool((gram.mean(1) > 0).all())
     uniform = torch.full((3,), 1 / 3, dtype=torch.float64)

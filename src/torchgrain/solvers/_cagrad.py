@@ -17,7 +17,10 @@ bisection when the quadratic's root leaves it).
 The paper's ``d = g0 + r g_w / ||g_w||`` with ``w`` the minimiser of ``w^T G p + r ||g_w||`` on the
 simplex is the same point: ``lam = r w / ||g_w||``. When the origin lies in the hull of the group
 gradients no level above 0 is reachable and every point of the ball in the dual cone is optimal;
-then ``d`` is the one nearest ``g0`` (DualProj's), where TorchJD returns 0.
+then ``d`` is the one nearest ``g0`` (DualProj's), where TorchJD returns 0. "In the hull" means
+within ``1e-5 max_k ||g_k||`` of it (squared: ``1e-10``, the cone QP's threshold for a vector in
+the span of others): closer, the exact multipliers grow like the inverse of that distance and are
+rounding noise of the Gram.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 from torch import Tensor
 
 from torchgrain.solvers._common import prepare
-from torchgrain.solvers._cone import kkt_residual, solve_cone
+from torchgrain.solvers._cone import DEPENDENT, kkt_residual, solve_cone
 from torchgrain.solvers._wolfe import Solution, solve
 
 # Cap on the root search's steps, each one cone QP: 4 or fewer sufficed on every Gram of the tests.
@@ -47,7 +50,9 @@ def cagrad(
     relative KKT residual at the final level and the ball constraint's relative violation,
     ``iterations`` the root search's steps."""
     if isinstance(c, bool) or not isinstance(c, (int, float)) or not c >= 0 or c == float("inf"):
-        raise ValueError(f"c must be a finite float >= 0 (the ball's radius over ||g0||), got {c!r}")
+        raise ValueError(
+            f"c must be a finite float >= 0 (the ball's radius over ||g0||), got {c!r}"
+        )
     G, p, batch_shape = prepare(gram, pref, check=check)
     masked = gram.device.type != "cpu" if masked is None else masked
     N, m = p.shape
@@ -61,8 +66,10 @@ def cagrad(
     lo = Gp.amin(-1)  # g0 itself reaches this level
     hi = (Gp + (r2[:, None] * diag).sqrt()).amin(-1)  # Cauchy-Schwarz: no x in the ball beats it
     # With the origin in the hull, min_k <g_k, x> <= 0 for every x: no level above 0 is reachable.
+    # "In the hull" to the precision the cone QP treats vectors as dependent (DEPENDENT): past it
+    # the multipliers of a positive level grow like 1 / distance and the Gram's own rounding rules.
     w0 = solve(G, check=False, masked=masked).weights
-    in_hull = (w0 * (G @ w0[..., None]).squeeze(-1)).sum(-1) <= _tolerance(m)
+    in_hull = (w0 * (G @ w0[..., None]).squeeze(-1)).sum(-1) <= DEPENDENT
     hi = torch.where(in_hull, hi.clamp_max(0.0), hi)
     hi = torch.maximum(hi, lo)
 
@@ -88,7 +95,9 @@ def cagrad(
         nu = torch.where(inside, torch.minimum(torch.maximum(root, lo), hi), 0.5 * (lo + hi))
         lam, f = distance2(nu)
         same = inside & ((lam > 0) == (current > 0)).all(-1)
-        narrow = (hi - lo) <= 4 * float(np.finfo(np.float64).eps) * torch.maximum(lo.abs(), hi.abs())
+        narrow = (hi - lo) <= 4 * float(np.finfo(np.float64).eps) * torch.maximum(
+            lo.abs(), hi.abs()
+        )
         below = f <= r2
         live = ~done
         finish = live & (same | narrow)
@@ -117,10 +126,6 @@ def cagrad(
         iterations=steps.reshape(batch_shape),
         converged=(done | zero).reshape(batch_shape),
     )
-
-
-def _tolerance(m: int) -> float:
-    return 64.0 * m * float(np.finfo(np.float64).eps)
 
 
 def _piece_root(G: Tensor, Gp: Tensor, r2: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:

@@ -18,11 +18,16 @@ coordinates free to be positive, the unconstrained minimiser ``z`` on ``P``
 - otherwise (a *minor* step) ``lam`` moves towards ``z`` until its first coordinate on ``P`` reaches
   zero, and that coordinate leaves ``P``.
 
-A coordinate joins ``P`` only when its vector is not in the span of ``P``'s (else ``mu_j`` would be
-0), so ``G_PP`` stays non-singular in exact arithmetic; duplicate and opposite vectors never both
-enter. The iteration mirrors Wolfe's min-norm solver (:mod:`torchgrain.solvers._wolfe`), with the
-same two implementations, tested against each other: a NumPy loop over index lists for the CPU, and
-a batched masked iteration with a fixed count for accelerators.
+When ``q`` lies in the range of ``G`` (DualProj, UPGrad) a coordinate joins ``P`` only if its
+vector is not in the span of ``P``'s (else ``mu_j`` would be 0), so ``G_PP`` stays non-singular;
+duplicate and opposite vectors never both enter. CAGrad's ``q`` does not (``1`` is not in the
+range of a rank-deficient ``G``): a coordinate whose vector is in that span is brought in by a *ray
+step* instead, along the null direction of ``G`` on which the objective falls, until a coordinate of
+``P`` reaches zero and leaves (a simplex pivot).
+
+The iteration mirrors Wolfe's min-norm solver (:mod:`torchgrain.solvers._wolfe`), with the same two
+implementations, tested against each other: a NumPy loop over index lists for the CPU, and a
+batched masked iteration with a fixed count for accelerators.
 
 Every problem is scaled to a unit largest diagonal of ``G`` first (``q`` with it): the solution
 ``lam`` is invariant to scaling ``G`` and ``q`` together.
@@ -35,6 +40,10 @@ import torch
 from torch import Tensor
 
 from torchgrain.solvers._wolfe import default_max_iter
+
+# A vector whose squared distance to the span of the passive set's is below this share of its
+# squared norm counts as in the span (a rank-deficient Gram computed in float64).
+DEPENDENT = 1e-10
 
 
 def tolerance(m: int) -> float:
@@ -84,7 +93,9 @@ def _cone_host_batch(G: np.ndarray, q: np.ndarray, max_iter: int) -> tuple[np.nd
     return lam, iterations, converged
 
 
-def _cone_host(G: np.ndarray, q: np.ndarray, max_iter: int, tol: float) -> tuple[np.ndarray, int, bool]:
+def _cone_host(
+    G: np.ndarray, q: np.ndarray, max_iter: int, tol: float
+) -> tuple[np.ndarray, int, bool]:
     """One problem with unit largest diagonal -> ``lam`` ``(m,)``, iterations, converged."""
     m = q.shape[0]
     lam = np.zeros(m)
@@ -102,8 +113,22 @@ def _cone_host(G: np.ndarray, q: np.ndarray, max_iter: int, tol: float) -> tuple
             j = int(np.argmin(outside))
             if len(P) == m or outside[j] >= -tol * (1.0 + lam.sum()):
                 return lam, it, True
-            P.append(j)
             newest = j
+            a = _solve(G[np.ix_(P, P)], G[P, j]) if P else np.zeros(0)  # g_j ~ sum_i a_i g_i
+            if G[j, j] - G[P, j] @ a > DEPENDENT * G[j, j]:
+                P.append(j)
+                continue
+            # Ray step: g_j lies in the span of P's vectors, so adding j would make G_PP singular.
+            # Along n = e_j - sum_i a_i e_i (G n = 0) the objective falls at the rate mu_j < 0:
+            # move until the first coordinate of P reaches zero, and swap it for j.
+            ratio = np.where(a > 0, lam[P] / np.where(a > 0, a, 1.0), np.inf)
+            if not np.isfinite(ratio).any():  # unbounded below (no callers reach it)
+                return lam, it, False
+            k = int(np.argmin(ratio))
+            lam[P] = np.maximum(lam[P] - ratio[k] * a, 0.0)
+            lam[j] = ratio[k]
+            lam[P[k]] = 0.0
+            P = [p for p in P if lam[p] > 0] + [j]
             continue
         # Minor step: move lam towards z until the first coordinate on P hits zero; drop it.
         idx = np.asarray(P)
@@ -139,6 +164,7 @@ def _cone_masked(G: Tensor, q: Tensor, max_iter: int) -> tuple[Tensor, Tensor, T
     lam = torch.zeros(N, m, dtype=torch.float64, device=device)
     newest = torch.full((N,), -1, dtype=torch.int64, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)
+    unbounded = torch.zeros(N, dtype=torch.bool, device=device)
     iterations = torch.zeros(N, dtype=torch.int64, device=device)
     for _ in range(max_iter):
         # Unconstrained minimiser on P: G_PP z_P = -q_P; identity (and z = 0) off P.
@@ -153,6 +179,21 @@ def _cone_masked(G: Tensor, q: Tensor, max_iter: int) -> tuple[Tensor, Tensor, T
         full = passive.all(-1)
         optimal = major & (full | (low >= -tol * (1.0 + z.sum(-1))))
         add = major & ~optimal
+        # Is g_j in the span of P's vectors? Then the ray step (see the host loop) instead.
+        onehot_j = arange == j[:, None]  # (N, m)
+        col = (G @ onehot_j.to(G.dtype)[..., None]).squeeze(-1)  # (N, m) G e_j
+        a, _ = torch.linalg.solve_ex(A, torch.where(passive, col, 0.0))
+        a = torch.where(passive, a, 0.0)
+        gjj = torch.where(onehot_j, col, 0.0).sum(-1)
+        ray = add & (gjj - (col * a).sum(-1) <= DEPENDENT * gjj)
+        ray_ratio = torch.where(passive & (a > 0), z / torch.where(a > 0, a, 1.0), torch.inf)
+        ray_t, ray_k = ray_ratio.min(-1)
+        unbounded = unbounded | (ray & ~done & ~torch.isfinite(ray_t))
+        ray_t = torch.where(torch.isfinite(ray_t), ray_t, 0.0)
+        lam_ray = (z - ray_t[:, None] * a).clamp_min(0.0)
+        lam_ray = torch.where(arange == ray_k[:, None], 0.0, lam_ray)
+        lam_ray = torch.where(onehot_j, ray_t[:, None], lam_ray)
+        passive_ray = (passive & (lam_ray > 0)) | onehot_j
         # Minor step: move lam towards z until the first coordinate on P hits zero; drop it.
         ratio = torch.where(passive & (z <= 0), lam / (lam - z).clamp_min(1e-300), torch.inf)
         theta, k = ratio.min(-1)  # (N,)
@@ -162,13 +203,15 @@ def _cone_masked(G: Tensor, q: Tensor, max_iter: int) -> tuple[Tensor, Tensor, T
         lam_minor = torch.where(dropped, 0.0, lam_minor)
         stuck = ~major & (theta <= 0) & (k == newest)
         live = ~done & ~stuck
-        new_lam = torch.where(major[:, None], z, lam_minor)
+        new_lam = torch.where(major[:, None], torch.where(ray[:, None], lam_ray, z), lam_minor)
         new_passive = torch.where(
-            major[:, None], passive | (add[:, None] & (arange == j[:, None])), passive & ~dropped
+            major[:, None],
+            torch.where(ray[:, None], passive_ray, passive | (add[:, None] & onehot_j)),
+            passive & ~dropped,
         )
         lam = torch.where(live[:, None], new_lam, lam)
         passive = torch.where(live[:, None], new_passive, passive)
         newest = torch.where(live & add, j, newest)
         iterations = iterations + (~done).long()
-        done = done | optimal | stuck
-    return lam, iterations, done
+        done = done | optimal | stuck | unbounded
+    return lam, iterations, done & ~unbounded
