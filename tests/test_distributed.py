@@ -41,11 +41,18 @@ def _model() -> torch.nn.Module:
     return mlp().double()
 
 
-def _worker(rank: int, world: int, engine: str, nonfinite_rank: int) -> dict[str, object]:
+def _worker(
+    rank: int, world: int, engine: str, nonfinite_rank: int, aggregator: str = "min_norm"
+) -> dict[str, object]:
     x, y, ids = _data(world)[rank]
     model = _model()
     grain = torchgrain.GRAIN(
-        model, num_groups=3, engine=engine, process_group=dist.group.WORLD, nonfinite="skip"
+        model,
+        num_groups=3,
+        engine=engine,
+        process_group=dist.group.WORLD,
+        nonfinite="skip",
+        aggregator=aggregator,
     )
     losses = per_sample_ce(model, x, y)
     if rank == nonfinite_rank:
@@ -59,15 +66,14 @@ def _worker(rank: int, world: int, engine: str, nonfinite_rank: int) -> dict[str
     }
 
 
-def _reference(world: int) -> list[torch.Tensor]:
+def _reference(world: int, aggregator: str = "min_norm") -> list[torch.Tensor]:
     data = _data(world)
     model = _model()
     x = torch.cat([d[0] for d in data])
     y = torch.cat([d[1] for d in data])
     ids = torch.cat([d[2] + 3 * r for r, d in enumerate(data)])
-    torchgrain.GRAIN(model, num_groups=3 * world, engine="loop").backward(
-        per_sample_ce(model, x, y), ids
-    )
+    grain = torchgrain.GRAIN(model, num_groups=3 * world, engine="loop", aggregator=aggregator)
+    grain.backward(per_sample_ce(model, x, y), ids)
     return [p.grad for p in model.parameters()]
 
 
@@ -90,6 +96,20 @@ def test_ranks_agree_bitwise_and_match_single_process(
     assert sorted(s for s in sizes if s) == sorted(
         int(c) for d in _data(world) for c in torch.bincount(d[2]) if c
     )
+
+
+@pytest.mark.parametrize("aggregator", ["dual_proj", "upgrad", "mean"])
+def test_every_aggregator_across_ranks(aggregator: str, tmp_path: Path) -> None:
+    """The same Gram bits on every rank give the same weights: ranks agree bit for bit, and the
+    step is single-process GRAIN's with that aggregator on the joined batch (pref: the joined
+    batch's group sizes / its size)."""
+    results = _dist.run(_worker, 2, tmp_path, "fused", -1, aggregator)
+    for r in results:
+        assert "error" not in r, r.get("trace")
+        for got, first in zip(r["grads"], results[0]["grads"], strict=True):
+            assert torch.equal(got, first)
+    for got, ref in zip(results[0]["grads"], _reference(2, aggregator), strict=True):
+        assert float((got - ref).norm() / ref.norm()) <= 1e-6
 
 
 def test_nan_on_one_rank_skips_on_every_rank(tmp_path: Path) -> None:
