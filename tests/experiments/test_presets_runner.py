@@ -24,15 +24,24 @@ def test_unknown_preset_or_task_names_the_choices():
 
 
 @pytest.mark.parametrize(
-    ("name", "groups", "rescaled"),
-    [("mean", None, False), ("grain-m8", 8, False), ("grain-m4-rescaled", 4, True)],
+    ("name", "groups", "rescaled", "aggregator"),
+    [
+        ("mean", None, False, "min_norm"),
+        ("grain-m8", 8, False, "min_norm"),
+        ("grain-m4-rescaled", 4, True, "min_norm"),
+        ("dualproj-m8", 8, False, "dual_proj"),
+        ("upgrad-m2", 2, False, "upgrad"),
+        ("cagrad-m8-rescaled", 8, True, "cagrad"),
+    ],
 )
-def test_method_names_parse(name, groups, rescaled):
+def test_method_names_parse(name, groups, rescaled, aggregator):
     method = Method.parse(name)
-    assert (method.groups, method.rescaled) == (groups, rescaled)
+    assert (method.groups, method.rescaled, method.aggregator) == (groups, rescaled, aggregator)
 
 
-@pytest.mark.parametrize("name", ["grain", "grain-m0", "mgda", "grain-m8-scaled"])
+@pytest.mark.parametrize(
+    "name", ["grain", "grain-m0", "mgda", "grain-m8-scaled", "dual_proj-m8", "upgrad"]
+)
 def test_bad_method_name_says_what_is_accepted(name):
     with pytest.raises(ValueError, match="grain-m<m>"):
         Method.parse(name)

@@ -138,6 +138,20 @@ def test_bad_arguments_are_reported_with_the_fix(tmp_path, capsys):
     assert "another --out" in capsys.readouterr().err
 
 
+def test_aggregator_methods_run_and_report_their_distance_to_the_mean(tmp_path):
+    methods = ["dualproj-m4", "upgrad-m4", "cagrad-m4"]
+    args = ["--preset", "tiny", "--task", "regression", "--seeds", "1", "--no-progress"]
+    assert main(["reproduce", *args, "--out", str(tmp_path), "--methods", "mean", *methods]) == 0
+    runs = {r["method"]: r for r in load_results(tmp_path)["runs"]}
+    assert set(runs) == {"mean", *methods}
+    for name in methods:
+        diag = runs[name]["diagnostics"]
+        assert 0.0 <= diag["differs_share"] <= 1.0 and diag["mean_distance"] >= 0.0
+    # DualProj moves away from the mean only on the steps where the mean conflicts with a group.
+    dual = runs["dualproj-m4"]["diagnostics"]
+    assert dual["differs_share"] <= dual["conflict_share"]
+
+
 def test_stability_compares_neighbouring_datasets(tmp_path, capsys):
     args = ["--preset", "tiny", "--task", "regression", "--pairs", "2", "--no-progress"]
     code = main(["stability", *args, "--methods", "mean", "grain-m4", "--out", str(tmp_path)])

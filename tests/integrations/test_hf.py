@@ -81,6 +81,62 @@ def test_accumulation_equals_grain_accumulate_by_hand(tmp_path: Path) -> None:
     assert len(logged) == 3 and logged[-1] <= 2
 
 
+def test_mean_aggregator_is_plain_trainer_with_groups_and_diagnostics(tmp_path: Path) -> None:
+    data = _tiny.classification_data()
+    plain = _tiny.bert_classifier()
+    Trainer(plain, _tiny.args(tmp_path, max_steps=4), train_dataset=data).train()
+    model = _tiny.bert_classifier()
+    trainer = GrainTrainer(
+        model,
+        _tiny.args(tmp_path, max_steps=4),
+        train_dataset=data,
+        num_groups=4,
+        grain_aggregator="mean",
+    )
+    trainer.train()
+    assert _tiny.max_diff(plain, model) <= 1e-6
+    logs = [row for row in trainer.state.log_history if "loss" in row]
+    assert all(row["grain/differs_from_mean"] == 0.0 for row in logs)
+    assert all(row["grain/active_groups"] == 4.0 for row in logs)
+    assert trainer.grain_stats is not None and trainer.grain_stats.aggregator == "mean"
+
+
+@pytest.mark.parametrize("aggregator", ["dual_proj", "upgrad", "cagrad"])
+def test_aggregator_equals_grain_by_hand(aggregator: str, tmp_path: Path) -> None:
+    data = _tiny.classification_data(n=16)
+    model = _tiny.bert_classifier()
+    setup = {"max_steps": 4, "per_device_train_batch_size": 4, "max_grad_norm": 0.0}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    GrainTrainer(
+        model,
+        _tiny.args(tmp_path, **setup),
+        train_dataset=data,
+        optimizers=(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)),
+        num_groups=4,
+        grain_aggregator=aggregator,
+    ).train()
+    ref = _tiny.bert_classifier()
+    grain = torchgrain.GRAIN(ref, num_groups=4, aggregator=aggregator)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for ids, labels in _batches(data, 4):
+        logits = ref(input_ids=ids).logits
+        grain.backward(nn.functional.cross_entropy(logits, labels, reduction="none"))
+        opt.step()
+        opt.zero_grad()
+    assert _tiny.max_diff(ref, model) <= 1e-6
+
+
+def test_unknown_aggregator_is_refused_before_training(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="aggregator must be one of"):
+        GrainTrainer(
+            _tiny.bert_classifier(),
+            _tiny.args(tmp_path, max_steps=1),
+            train_dataset=_tiny.classification_data(),
+            num_groups=2,
+            grain_aggregator="dualproj",
+        )
+
+
 class _NaNAtStep(GrainTrainer):
     """Makes the losses of optimizer step ``nan_step`` (1-based) NaN."""
 

@@ -73,8 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: the preset's)")
     what.add_argument(
         "--methods", nargs="+",
-        help="mean, grain-m<m>, grain-m<m>-rescaled (default: mean grain-m4 grain-m8; "
-        "smoke: mean grain-m4)",
+        help="mean, grain-m<m> (the min-norm point), dualproj-m<m>, upgrad-m<m>, cagrad-m<m>, "
+        "each optionally with -rescaled (default: mean grain-m4 grain-m8; smoke: mean grain-m4)",
     )  # fmt: skip
     _common(rep, "runs/reproduce")
     rep.add_argument("--max-runs", type=int, help="stop after N new runs (resume later)")

@@ -1,8 +1,10 @@
 """One fine-tuning run: a task, a method (the mean or GRAIN) and a seed -> a result record.
 
-Methods are named ``mean`` (``losses.mean().backward()``), ``grain-m<m>`` (GRAIN with m
-contiguous groups of the shuffled batch) and ``grain-m<m>-rescaled`` (GRAIN's direction ``d``
-stretched to the mean gradient's norm, which separates the direction from the shorter step).
+Methods are named ``mean`` (``losses.mean().backward()``), ``grain-m<m>`` (GRAIN's min-norm
+step with m contiguous groups of the shuffled batch), ``dualproj-m<m>``, ``upgrad-m<m>`` and
+``cagrad-m<m>`` (the same groups, combined by that aggregator), and any of these with
+``-rescaled`` (the direction ``d`` stretched to the mean gradient's norm, which separates the
+direction from the shorter step).
 Everything else is shared: AdamW (weight decay 0.01), linear warm-up over 10% of the steps then
 linear decay, gradient clipping at norm 1, the last incomplete batch of an epoch dropped.
 """
@@ -21,7 +23,14 @@ import torch
 from torchgrain import GRAIN
 from torchgrain.experiments.tasks import Example, Task
 
-_METHOD = re.compile(r"^(mean|grain-m(\d+)(-rescaled)?)$")
+# Method-name prefix -> GRAIN's aggregator.
+AGGREGATOR_OF = {
+    "grain": "min_norm",
+    "dualproj": "dual_proj",
+    "upgrad": "upgrad",
+    "cagrad": "cagrad",
+}
+_METHOD = re.compile(r"^(mean|(" + "|".join(AGGREGATOR_OF) + r")-m(\d+)(-rescaled)?)$")
 
 
 @dataclass(frozen=True)
@@ -31,17 +40,20 @@ class Method:
     name: str
     groups: int | None  # m; None for the mean
     rescaled: bool = False
+    aggregator: str = "min_norm"
 
     @classmethod
     def parse(cls, name: str) -> Method:
         match = _METHOD.match(name)
-        if match is None or (match.group(2) is not None and int(match.group(2)) < 1):
+        if match is None or (match.group(3) is not None and int(match.group(3)) < 1):
             raise ValueError(
-                f"unknown method {name!r}; use 'mean', 'grain-m<m>' (e.g. grain-m8) or "
-                "'grain-m<m>-rescaled'"
+                f"unknown method {name!r}; use 'mean', 'grain-m<m>' (the min-norm point, e.g. "
+                "grain-m8), 'dualproj-m<m>', 'upgrad-m<m>' or 'cagrad-m<m>', each optionally "
+                "followed by -rescaled"
             )
-        groups = int(match.group(2)) if match.group(2) else None
-        return cls(name, groups, bool(match.group(3)))
+        if match.group(2) is None:
+            return cls(name, None)
+        return cls(name, int(match.group(3)), bool(match.group(4)), AGGREGATOR_OF[match.group(2)])
 
 
 def train(
@@ -76,7 +88,11 @@ def train(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
     )
-    grain = GRAIN(model, num_groups=method.groups) if method.groups is not None else None
+    grain = (
+        GRAIN(model, num_groups=method.groups, aggregator=method.aggregator)
+        if method.groups is not None
+        else None
+    )
     order = torch.Generator().manual_seed(seed)
     step_loss: list[float] = []
     evals: list[dict[str, float]] = []
@@ -130,6 +146,8 @@ class _Diagnostics:
     def __init__(self) -> None:
         self.steps = 0
         self.conflicts = 0
+        self.differs = 0
+        self.mean_distance = 0.0
         self.d_over_mean = 0.0
         self.active = 0.0
         self.min_cos = 0.0
@@ -140,6 +158,9 @@ class _Diagnostics:
             return
         self.steps += 1
         self.conflicts += int(stats.mean_conflict)
+        self.differs += int(stats.differs_from_mean)
+        distance = float(stats.mean_distance)
+        self.mean_distance += 0.0 if math.isnan(distance) else distance
         self.d_over_mean += float(stats.d_over_mean)
         self.active += float(stats.active_groups)
         cos = float(stats.min_cos)
@@ -153,6 +174,8 @@ class _Diagnostics:
         return {
             "steps": n,
             "conflict_share": self.conflicts / n,  # steps where the mean hurt some group
+            "differs_share": self.differs / n,  # steps where the step was not the mean's
+            "mean_distance": self.mean_distance / n,  # mean ||d - mean|| / ||mean||
             "d_over_mean": self.d_over_mean / n,  # mean ||d|| / ||mean gradient||
             "active_groups": self.active / n,
             "min_cos": self.min_cos / n,

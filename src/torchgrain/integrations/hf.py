@@ -48,6 +48,7 @@ from torchgrain._stats import GrainStats
 from torchgrain.engines import DEFAULT_MEMORY_BUDGET
 from torchgrain.integrations import _hf_heads
 from torchgrain.integrations._hf_checks import refuse_unsupported
+from torchgrain.solvers import AggregatorLike, check_aggregator
 
 __all__ = ["GrainTrainer"]
 
@@ -62,7 +63,8 @@ if int(transformers.__version__.split(".")[0]) < 5:
 
 
 class GrainTrainer(Trainer):
-    """``transformers.Trainer`` whose backward is GRAIN's min-norm combination of group gradients.
+    """``transformers.Trainer`` whose backward is GRAIN's combination of group gradients (the
+    min-norm point, or another aggregator).
 
     Takes every argument ``Trainer`` takes, plus:
 
@@ -75,6 +77,9 @@ class GrainTrainer(Trainer):
         grain_key: with ``"key"``: the batch field holding one integer key per sample (a dataset
             column such as ``"labels"`` or ``"domain"``; it is kept out of the model's inputs
             unless it is a label field).
+        grain_aggregator: how the group gradients are combined (``GRAIN``'s ``aggregator``):
+            ``"min_norm"`` (default), ``"mean"``, ``"dual_proj"``, ``"upgrad"``, ``"cagrad"`` or a
+            callable ``(gram, pref) -> weights``.
         grain_seed, grain_engine, grain_memory_budget, grain_nonfinite, grain_allow_unused:
             ``GRAIN``'s ``seed``, ``engine``, ``memory_budget``, ``nonfinite``, ``allow_unused``.
 
@@ -116,6 +121,7 @@ class GrainTrainer(Trainer):
         grain_memory_budget: float = DEFAULT_MEMORY_BUDGET,
         grain_nonfinite: str = "raise",
         grain_allow_unused: bool = False,
+        grain_aggregator: AggregatorLike = "min_norm",
         **trainer_kwargs: Any,
     ) -> None:
         if num_groups is None and grain_grouping != "key":
@@ -135,6 +141,7 @@ class GrainTrainer(Trainer):
                 "drop it and override GrainTrainer.compute_per_sample_losses(model, inputs) to "
                 "return ((B,) losses, outputs)"
             )
+        check_aggregator(grain_aggregator)
         if args is not None:
             refuse_unsupported(args, grain_engine)
         self._grain_options: dict[str, Any] = {
@@ -145,6 +152,7 @@ class GrainTrainer(Trainer):
             "memory_budget": grain_memory_budget,
             "nonfinite": grain_nonfinite,
             "allow_unused": grain_allow_unused,
+            "aggregator": grain_aggregator,
         }
         self.grain_key = grain_key
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
