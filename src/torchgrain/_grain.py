@@ -60,18 +60,16 @@ class GRAIN:
     :math:`p_k = |S_k| / B` (those of the sample mean, :math:`\bar g = \sum_k p_k g_k`) to
     non-negative weights :math:`w`, with :math:`d = \sum_k w_k g_k` at the same one-backward cost:
 
-    ============== ================================================================ ===============
-    aggregator     d                                                                guarantee
-    ============== ================================================================ ===============
-    ``min_norm``   the min-norm point of the hull (:func:`min_norm_weights`)        <d, g_k> >= |d|²
-    ``mean``       :math:`\bar g`, as ``losses.mean().backward()``                  none
-    ``dual_proj``  :math:`\bar g` projected onto the dual cone; :math:`\bar g` when    <d, g_k> >= 0
-                   it conflicts with no group (:func:`dual_proj_weights`)
-    ``upgrad``     :math:`\sum_k p_k` (g_k projected onto the dual cone)             <d, g_k> >= 0
-                   (:func:`upgrad_weights`)
-    ``cagrad``     best worst-group decrease within :math:`\|d - \bar g\| \le        none
-                   0.5 \|\bar g\|` (:func:`cagrad_weights`)
-    ============== ================================================================ ===============
+    - ``"min_norm"`` (default): the min-norm point of the hull (:func:`min_norm_weights`);
+      :math:`\langle d, g_k \rangle \ge \|d\|^2`, and :math:`\|d\| \le \|\bar g\|`.
+    - ``"mean"``: :math:`\bar g`, as ``losses.mean().backward()``, with every diagnostic.
+    - ``"dual_proj"``: :math:`\bar g` projected onto the dual cone
+      :math:`\{x : \langle x, g_k \rangle \ge 0\}` (:func:`dual_proj_weights`); exactly
+      :math:`\bar g` when it conflicts with no group.
+    - ``"upgrad"``: :math:`\sum_k p_k \Pi(g_k)`, each group gradient projected onto the dual
+      cone (:func:`upgrad_weights`); :math:`\langle d, g_k \rangle \ge 0`.
+    - ``"cagrad"``: the best worst-group decrease within :math:`\|d - \bar g\| \le 0.5
+      \|\bar g\|` (:func:`cagrad_weights`); no sign guarantee.
 
     Args:
         model_or_params: an ``nn.Module`` (its parameters with ``requires_grad``), or an iterable
@@ -106,7 +104,8 @@ class GRAIN:
             Gram and their ``(m',)`` float64 preferred weights (sizes / B) on the CPU, returning
             ``(m',)`` finite non-negative weights; e.g. ``lambda G, p: cagrad_weights(G, 0.3,
             p)``. Under ``process_group`` every rank calls it on the same bits: it must be
-            deterministic.
+            deterministic. Inside :meth:`accumulate` it also runs on each micro-batch's own
+            groups, for that ``backward``'s diagnostics.
         process_group: a ``torch.distributed`` process group (e.g. ``dist.group.WORLD``) for
             data-parallel training: every rank's groups are global groups, and after
             ``backward`` every rank holds the same ``.grad`` (see
@@ -220,7 +219,7 @@ class GRAIN:
     def backward(
         self, losses: Tensor, groups: Tensor | None = None, *, keys: Tensor | None = None
     ) -> GrainStats:
-        """Add the min-norm combination ``d`` of the group gradients to ``.grad``.
+        """Add the aggregator's combination ``d`` of the group gradients to ``.grad``.
 
         Where ``losses.mean().backward()`` would add the mean gradient, this adds ``d`` (and
         accumulates into existing ``.grad`` the same way, so ``zero_grad`` keeps its meaning).
@@ -289,8 +288,8 @@ class GRAIN:
             part = _Part(engine.group_grads() if ok else [], sizes[present], ok, fallback)
             if self._acc is None or not ok:
                 return self._collect(part, m, sizes)
-            self._acc.parts.append(part)
             local = self._solve(gram_host, sizes, present)  # this micro-batch's own diagnostics
+            self._acc.parts.append(part)  # after the solve: if it raises, the block is unchanged
             return self._stats(
                 local.weights, gram_present, sizes, present, local, 0.0, engine.name, fallback
             )
@@ -316,7 +315,7 @@ class GRAIN:
         )
 
     def _apply(self, parts: list[_Part], engine: str) -> GrainStats:
-        """The min-norm step over the groups of several micro-batches and/or ranks."""
+        """The step over the groups of several micro-batches and/or ranks."""
         counts = [int(part.sizes.shape[0]) for part in parts]
         sizes = torch.cat([part.sizes for part in parts])  # (M_local,) all > 0
         ok = all(part.ok for part in parts)
@@ -414,7 +413,7 @@ class GRAIN:
         Inside the block, each ``grain.backward(losses_j, groups=...)`` computes micro-batch j's
         group gradients and keeps them (its local group k is a global group of its own; pass
         ``groups=torch.zeros(B_j, dtype=torch.long)`` for one group per micro-batch). On leaving
-        the block, the min-norm combination over all of them is added to ``.grad`` — what
+        the block, the aggregator's combination of all of them is added to ``.grad`` — what
         single-shot GRAIN on the joined batch with those groups gives — and the step's stats are
         ``acc.stats``. Each ``backward`` inside returns its micro-batch's own diagnostics.
 

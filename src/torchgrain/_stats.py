@@ -36,7 +36,8 @@ class GrainStats:
             B) in any bit; ``dual_proj`` and ``upgrad`` keep them exactly on conflict-free steps.
         active_groups: ``()`` int64 number of groups with positive weight.
         gram_condition: ``()`` condition number of the non-empty groups' Gram (inf if singular).
-        solver_gap: ``()`` relative optimality gap of the QP (about 1e-15).
+        solver_gap: ``()`` the aggregator's relative KKT residual (about 1e-16 for the built-in
+            solvers; 0 for ``"mean"``, NaN for a callable; see each solver).
         solver_iterations: ``()`` int64 solver iterations.
         solver_seconds: host wall time of the solve (float).
         skipped: True when the step was skipped for NaN/Inf (``nonfinite="skip"``); ``.grad`` was
@@ -143,7 +144,9 @@ def compute_stats(
         min_inner=torch.where(nonempty, Gw, inf).amin(),
         min_cos=torch.where(usable, cos, inf).amin().where(d_norm > 0, torch.nan),
         mean_conflict=(torch.where(nonempty, Gs, inf) < 0).any(),
-        mean_distance=(delta @ gram @ delta).clamp_min(0.0).sqrt() / mean_norm,
+        mean_distance=torch.where(
+            mean_norm > 0, (delta @ gram @ delta).clamp_min(0.0).sqrt() / mean_norm, torch.nan
+        ),
         differs_from_mean=(nonempty & (weights != share)).any(),
         active_groups=(weights > 0).sum(),
         gram_condition=condition,

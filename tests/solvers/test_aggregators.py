@@ -13,6 +13,7 @@ from torch import Tensor
 from tests.solvers._zoo import zoo
 from torchgrain import cagrad_weights, dual_proj_weights, min_norm_weights, upgrad_weights
 from torchgrain.solvers import Solution, cagrad, dual_proj, upgrad
+from torchgrain.solvers._cone import kkt_residual, solve_cone
 
 ZOO = zoo()
 SOLVERS: dict[str, Callable[..., Solution]] = {
@@ -137,6 +138,26 @@ def test_cagrad_kkt(name: str, pname: str) -> None:
         assert cagrad_kkt(gram, pref, sol.weights, c) <= TOL, c
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["host", "masked"])
+def test_cone_qp_edge_cases(masked: bool) -> None:
+    """Near-opposite vectors (within the dependency threshold of each other's line) are added
+    normally and solved; a zero vector with a negative linear term is unbounded below and says
+    so; a stall is never reported as converged."""
+    g = torch.tensor([[1.0, 0.0], [-1.0, 1e-6], [0.2, 1.0]], dtype=torch.float64)
+    G = (g @ g.T)[None]
+    for u in torch.eye(3, dtype=torch.float64):
+        q = G[0] @ u
+        lam, _, converged = solve_cone(G, q[None], masked=masked)
+        assert bool(converged.all())
+        assert float(kkt_residual(G, q[None], lam)) <= TOL
+    zero = torch.zeros(1, 2, 2, dtype=torch.float64)
+    zero[0, 0, 0] = 1.0  # g_1 = e_1, g_2 = 0
+    lam, _, converged = solve_cone(
+        zero, torch.tensor([[0.5, -0.1]], dtype=torch.float64), masked=masked
+    )
+    assert not bool(converged.all()) and bool(torch.isfinite(lam).all())
+
+
 def test_cagrad_zero_radius_is_the_preferred_combination() -> None:
     gram = ZOO["conflicting_8"]
     pref = prefs(8)["random"]
@@ -153,6 +174,9 @@ def test_host_and_masked_agree(aggregator: str, name: str) -> None:
     assert bool(masked.converged)
     assert float(masked.gap) <= TOL
     assert same_point(gram, host.weights, masked.weights) <= 1e-24
+    # Step for step: the same iterations (ties break to the smallest index in both).
+    if aggregator != "cagrad":  # the host's root search stops early; the masked one runs on
+        assert torch.equal(host.iterations, masked.iterations)
 
 
 @pytest.mark.parametrize("aggregator", sorted(SOLVERS))

@@ -148,6 +148,7 @@ class _Diagnostics:
         self.conflicts = 0
         self.differs = 0
         self.mean_distance = 0.0
+        self.distances = 0
         self.d_over_mean = 0.0
         self.active = 0.0
         self.min_cos = 0.0
@@ -160,7 +161,9 @@ class _Diagnostics:
         self.conflicts += int(stats.mean_conflict)
         self.differs += int(stats.differs_from_mean)
         distance = float(stats.mean_distance)
-        self.mean_distance += 0.0 if math.isnan(distance) else distance
+        if math.isfinite(distance):  # NaN when the mean gradient is 0
+            self.mean_distance += distance
+            self.distances += 1
         self.d_over_mean += float(stats.d_over_mean)
         self.active += float(stats.active_groups)
         cos = float(stats.min_cos)
@@ -175,7 +178,8 @@ class _Diagnostics:
             "steps": n,
             "conflict_share": self.conflicts / n,  # steps where the mean hurt some group
             "differs_share": self.differs / n,  # steps where the step was not the mean's
-            "mean_distance": self.mean_distance / n,  # mean ||d - mean|| / ||mean||
+            # mean ||d - mean|| / ||mean|| over the steps where the mean gradient was not 0
+            "mean_distance": self.mean_distance / max(self.distances, 1),
             "d_over_mean": self.d_over_mean / n,  # mean ||d|| / ||mean gradient||
             "active_groups": self.active / n,
             "min_cos": self.min_cos / n,

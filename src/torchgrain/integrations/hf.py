@@ -2,8 +2,9 @@ r"""Hugging Face ``transformers.Trainer`` with GRAIN's backward: :class:`GrainTr
 
 ``GrainTrainer`` is a ``Trainer`` whose training step computes the per-sample losses ``(B,)``
 itself and calls :meth:`torchgrain.GRAIN.backward` where ``Trainer`` calls ``loss.backward()``:
-``.grad`` holds the min-norm combination ``d`` of the group gradients when ``Trainer`` clips
-(``max_grad_norm``), steps the optimizer and the LR scheduler. Everything else is ``Trainer``'s.
+``.grad`` holds the combination ``d`` of the group gradients (the min-norm point by default) when
+``Trainer`` clips (``max_grad_norm``), steps the optimizer and the LR scheduler. Everything else
+is ``Trainer``'s.
 
 Gradient accumulation (``gradient_accumulation_steps = M``): the micro-batches of one optimizer
 step are groups of one GRAIN step (:meth:`GRAIN.accumulate`), ``M x num_groups`` groups in all,

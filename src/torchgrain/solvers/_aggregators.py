@@ -49,22 +49,29 @@ def aggregator_name(aggregator: AggregatorLike) -> str:
 
 
 def aggregate(aggregator: AggregatorLike, gram: Tensor, pref: Tensor) -> Solution:
-    """``(m, m)`` float64 Gram and ``(m,)`` float64 preferred weights (both checked by the
-    caller) -> the aggregator's :class:`Solution`, weights ``(m,)`` float64."""
-    if aggregator == "min_norm":
-        return solve(gram, check=False)
-    if aggregator == "dual_proj":
-        return dual_proj(gram, pref, check=False)
-    if aggregator == "upgrad":
-        return upgrad(gram, pref, check=False)
-    if aggregator == "cagrad":
-        return cagrad(gram, 0.5, pref, check=False)
+    """``(m, m)`` float64 Gram and ``(m,)`` float64 preferred weights on the host (both checked
+    by the caller) -> the aggregator's :class:`Solution`, weights ``(m,)`` float64, checked to be
+    finite and non-negative (a built-in solver's too: never a NaN step)."""
+    name = aggregator_name(aggregator)
     zero = torch.zeros((), dtype=torch.float64, device=gram.device)
-    if aggregator == "mean":
-        return Solution(pref, zero, zero.long(), torch.ones((), dtype=torch.bool))
-    assert callable(aggregator)
-    weights = _checked(aggregator(gram, pref), pref, aggregator_name(aggregator))
-    return Solution(weights, zero + torch.nan, zero.long(), torch.ones((), dtype=torch.bool))
+    true = torch.ones((), dtype=torch.bool, device=gram.device)
+    if aggregator == "min_norm":
+        solution = solve(gram, check=False)
+    elif aggregator == "dual_proj":
+        solution = dual_proj(gram, pref, check=False)
+    elif aggregator == "upgrad":
+        solution = upgrad(gram, pref, check=False)
+    elif aggregator == "cagrad":
+        solution = cagrad(gram, 0.5, pref, check=False)
+    elif aggregator == "mean":
+        solution = Solution(pref.clone(), zero, zero.long(), true)
+    else:
+        assert callable(aggregator)
+        # Copies: the caller's tensors become the step's stats, which an in-place edit would spoil.
+        weights = aggregator(gram.clone(), pref.clone())
+        return Solution(_checked(weights, pref, name), zero + torch.nan, zero.long(), true)
+    _checked(solution.weights, pref, name)
+    return solution
 
 
 def _checked(weights: object, pref: Tensor, name: str) -> Tensor:

@@ -73,12 +73,12 @@ def cagrad(
     hi = torch.where(in_hull, hi.clamp_max(0.0), hi)
     hi = torch.maximum(hi, lo)
 
-    def distance2(nu: Tensor) -> tuple[Tensor, Tensor]:
-        lam, _, _ = solve_cone(G, Gp - nu[:, None] * ones, masked=masked)
-        return lam, (lam * (G @ lam[..., None]).squeeze(-1)).sum(-1)
+    def distance2(nu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        lam, _, converged = solve_cone(G, Gp - nu[:, None] * ones, masked=masked)
+        return lam, (lam * (G @ lam[..., None]).squeeze(-1)).sum(-1), converged
 
     lam_lo = torch.zeros_like(p)  # lam at lo: 0, since Gp - lo >= 0
-    lam_hi, f_hi = distance2(hi)
+    lam_hi, f_hi, inner_ok = distance2(hi)  # inner_ok: every cone QP of the problem converged
     done = (r2 <= 0) | (f_hi <= r2)  # c = 0 or the top of the bracket is inside the ball
     lam_final = torch.where((r2 <= 0)[:, None], lam_lo, lam_hi)
     nu_final = torch.where(r2 <= 0, lo, hi)
@@ -93,7 +93,8 @@ def cagrad(
         slack = 1e-12 * torch.maximum(lo.abs(), hi.abs())
         inside = exact_piece & (root >= lo - slack) & (root <= hi + slack)
         nu = torch.where(inside, torch.minimum(torch.maximum(root, lo), hi), 0.5 * (lo + hi))
-        lam, f = distance2(nu)
+        lam, f, converged = distance2(nu)
+        inner_ok = inner_ok & (converged | done)
         same = inside & ((lam > 0) == (current > 0)).all(-1)
         narrow = (hi - lo) <= 4 * float(np.finfo(np.float64).eps) * torch.maximum(
             lo.abs(), hi.abs()
@@ -124,7 +125,7 @@ def cagrad(
         weights=weights.reshape(*batch_shape, m),
         gap=torch.where(zero, 0.0, gap).reshape(batch_shape),
         iterations=steps.reshape(batch_shape),
-        converged=(done | zero).reshape(batch_shape),
+        converged=((done & inner_ok) | zero).reshape(batch_shape),
     )
 
 

@@ -96,7 +96,8 @@ def _cone_host_batch(G: np.ndarray, q: np.ndarray, max_iter: int) -> tuple[np.nd
 def _cone_host(
     G: np.ndarray, q: np.ndarray, max_iter: int, tol: float
 ) -> tuple[np.ndarray, int, bool]:
-    """One problem with unit largest diagonal -> ``lam`` ``(m,)``, iterations, converged."""
+    """One problem with unit largest diagonal -> ``lam`` ``(m,)``, iterations, converged. ``P``
+    is kept sorted, so that every tie breaks to the smallest index, as in the masked iteration."""
     m = q.shape[0]
     lam = np.zeros(m)
     P: list[int] = []
@@ -115,28 +116,30 @@ def _cone_host(
                 return lam, it, True
             newest = j
             a = _solve(G[np.ix_(P, P)], G[P, j]) if P else np.zeros(0)  # g_j ~ sum_i a_i g_i
-            if G[j, j] - G[P, j] @ a > DEPENDENT * G[j, j]:
-                P.append(j)
+            if not G[j, j] > 0:  # a zero vector with mu_j = q_j < 0: unbounded below
+                return lam, it, False
+            if G[j, j] - G[P, j] @ a > DEPENDENT * G[j, j] or not (a > 0).any():
+                P = sorted([*P, j])
                 continue
             # Ray step: g_j lies in the span of P's vectors, so adding j would make G_PP singular.
             # Along n = e_j - sum_i a_i e_i (G n = 0) the objective falls at the rate mu_j < 0:
             # move until the first coordinate of P reaches zero, and swap it for j.
             ratio = np.where(a > 0, lam[P] / np.where(a > 0, a, 1.0), np.inf)
-            if not np.isfinite(ratio).any():  # unbounded below (no callers reach it)
-                return lam, it, False
             k = int(np.argmin(ratio))
             lam[P] = np.maximum(lam[P] - ratio[k] * a, 0.0)
             lam[j] = ratio[k]
             lam[P[k]] = 0.0
-            P = [p for p in P if lam[p] > 0] + [j]
+            P = sorted([p for p in P if lam[p] > 0] + [j])
             continue
         # Minor step: move lam towards z until the first coordinate on P hits zero; drop it.
         idx = np.asarray(P)
         zp, lp = z[idx], lam[idx]
         ratio = np.where(zp <= 0, lp / np.maximum(lp - zp, 1e-300), np.inf)
         k = int(np.argmin(ratio))
-        if ratio[k] <= 0 and P[k] == newest:  # dropping the coordinate just added: no progress
-            return lam, it, True
+        if ratio[k] <= 0 and P[k] == newest:
+            # Dropping the coordinate just added, without moving: rounding stalls the method
+            # (in exact arithmetic z_j > 0 for it). Stop, and say so.
+            return lam, it, False
         lam = np.maximum(lam + ratio[k] * (z - lam), 0.0)
         lam[P[k]] = 0.0
         P = [p for p in P if lam[p] > 0]
@@ -164,7 +167,7 @@ def _cone_masked(G: Tensor, q: Tensor, max_iter: int) -> tuple[Tensor, Tensor, T
     lam = torch.zeros(N, m, dtype=torch.float64, device=device)
     newest = torch.full((N,), -1, dtype=torch.int64, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)
-    unbounded = torch.zeros(N, dtype=torch.bool, device=device)
+    failed = torch.zeros(N, dtype=torch.bool, device=device)  # stopped short of the optimum
     iterations = torch.zeros(N, dtype=torch.int64, device=device)
     for _ in range(max_iter):
         # Unconstrained minimiser on P: G_PP z_P = -q_P; identity (and z = 0) off P.
@@ -185,10 +188,11 @@ def _cone_masked(G: Tensor, q: Tensor, max_iter: int) -> tuple[Tensor, Tensor, T
         a, _ = torch.linalg.solve_ex(A, torch.where(passive, col, 0.0))
         a = torch.where(passive, a, 0.0)
         gjj = torch.where(onehot_j, col, 0.0).sum(-1)
-        ray = add & (gjj - (col * a).sum(-1) <= DEPENDENT * gjj)
-        ray_ratio = torch.where(passive & (a > 0), z / torch.where(a > 0, a, 1.0), torch.inf)
+        positive = passive & (a > 0)
+        ray = add & (gjj > 0) & (gjj - (col * a).sum(-1) <= DEPENDENT * gjj) & positive.any(-1)
+        failed = failed | (add & ~done & ~(gjj > 0))  # a zero vector: unbounded below
+        ray_ratio = torch.where(positive, z / torch.where(a > 0, a, 1.0), torch.inf)
         ray_t, ray_k = ray_ratio.min(-1)
-        unbounded = unbounded | (ray & ~done & ~torch.isfinite(ray_t))
         ray_t = torch.where(torch.isfinite(ray_t), ray_t, 0.0)
         lam_ray = (z - ray_t[:, None] * a).clamp_min(0.0)
         lam_ray = torch.where(arange == ray_k[:, None], 0.0, lam_ray)
@@ -201,8 +205,9 @@ def _cone_masked(G: Tensor, q: Tensor, max_iter: int) -> tuple[Tensor, Tensor, T
         lam_minor = (lam + theta[:, None] * (z - lam)).clamp_min(0.0)
         dropped = (arange == k[:, None]) | (lam_minor <= 0)
         lam_minor = torch.where(dropped, 0.0, lam_minor)
-        stuck = ~major & (theta <= 0) & (k == newest)
-        live = ~done & ~stuck
+        stuck = ~major & (theta <= 0) & (k == newest)  # rounding stalls it (see the host loop)
+        failed = failed | (stuck & ~done)
+        live = ~done  # a row failing now still takes this step's lam, as the host loop returns it
         new_lam = torch.where(major[:, None], torch.where(ray[:, None], lam_ray, z), lam_minor)
         new_passive = torch.where(
             major[:, None],
@@ -213,5 +218,5 @@ def _cone_masked(G: Tensor, q: Tensor, max_iter: int) -> tuple[Tensor, Tensor, T
         passive = torch.where(live[:, None], new_passive, passive)
         newest = torch.where(live & add, j, newest)
         iterations = iterations + (~done).long()
-        done = done | optimal | stuck | unbounded
-    return lam, iterations, done & ~unbounded
+        done = done | optimal | failed
+    return lam, iterations, done & ~failed

@@ -42,14 +42,18 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class Solution:
-    """What the solver returns besides the weights (all tensors, no host sync to build it).
+    """What a solver returns besides the weights (all tensors, no host sync to build it). Every
+    aggregator returns one; the fields below are the min-norm solver's, and each other solver's
+    docstring says what its ``gap`` and ``iterations`` measure.
 
     Attributes:
-        weights: ``(..., m)`` minimiser on the simplex, in the input dtype.
-        gap: ``(...)`` relative optimality gap ``(w^T G w - min_k (G w)_k) / max_k G_kk``
-            (float64; 0 for an all-zero Gram).
+        weights: ``(..., m)`` the weights; for the min-norm point, the minimiser on the simplex
+            in the input dtype (the other aggregators return float64).
+        gap: ``(...)`` float64 relative KKT residual; for the min-norm point the optimality gap
+            ``(w^T G w - min_k (G w)_k) / max_k G_kk`` (0 for an all-zero Gram).
         iterations: ``(...)`` iterations each problem used (int64).
-        converged: ``(...)`` bool; False only when ``max_iter`` ran out.
+        converged: ``(...)`` bool; False when the iteration cap ran out (or, for the cone QP,
+            when rounding stalled it).
     """
 
     weights: Tensor
