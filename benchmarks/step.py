@@ -12,6 +12,8 @@ own; the plain step is measured in the same run, and every figure is a ratio to 
 Columns: time = median step time / plain's; memory = peak RSS growth during the steps (over the
 RSS after building the model and optimizer) / plain's. TorchJD (optional: pip install torchjd)
 runs its autogram engine with MGDA on the same m group losses, and on the B per-sample losses.
+``--aggregator dual_proj|upgrad|cagrad`` runs GRAIN with that aggregator and TorchJD with its
+DualProj / UPGrad / CAGrad(c = 0.5) weighting instead of MGDA.
 """
 
 from __future__ import annotations
@@ -79,13 +81,20 @@ def _worker(args: argparse.Namespace) -> dict[str, float]:
 
         engine, _, mode = base.removeprefix("grain-").partition("-")
         budget = 0 if mode == "bookkeeping" else float("inf")
-        grain = torchgrain.GRAIN(model, num_groups=m, engine=engine, memory_budget=budget)
+        grain = torchgrain.GRAIN(
+            model, num_groups=m, engine=engine, memory_budget=budget, aggregator=args.aggregator
+        )
         step = lambda losses: grain.backward(losses)  # noqa: E731
     elif base.startswith("torchjd-"):
-        from torchjd.aggregation import MGDAWeighting
+        from torchjd import aggregation
         from torchjd.autogram import Engine
 
-        weighting = MGDAWeighting()
+        weighting = {
+            "min_norm": aggregation.MGDAWeighting,
+            "dual_proj": aggregation.DualProjWeighting,
+            "upgrad": aggregation.UPGradWeighting,
+            "cagrad": lambda: aggregation.CAGradWeighting(c=0.5),
+        }[args.aggregator]()
         if base == "torchjd-samples":
             engine = Engine(model, batch_dim=0)
 
@@ -146,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--only", nargs="*", help="run only these methods")
+    parser.add_argument(
+        "--aggregator",
+        default="min_norm",
+        choices=["min_norm", "dual_proj", "upgrad", "cagrad"],
+        help="GRAIN's aggregator, and TorchJD's matching weighting (default min_norm: MGDA)",
+    )
     parser.add_argument("--csv", default="benchmarks/step.csv", help="where to write the table")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
@@ -189,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                 str(args.steps),
                 "--threads",
                 str(args.threads),
+                "--aggregator",
+                args.aggregator,
             ]
             done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
             if done.returncode != 0:
@@ -201,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             ref = baseline.get(lora)
             row = {
                 "method": method,
+                "aggregator": args.aggregator if not method.startswith("plain") else "",
                 "m": m if grid else "",
                 "seconds": result["seconds"],
                 "peak_mb": result["peak_kb"] / 1024,
@@ -217,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     print(
-        f"\nB={args.batch}, T={args.tokens}, {args.threads} threads, median of {args.steps} steps\n"
+        f"\nB={args.batch}, T={args.tokens}, {args.threads} threads, median of {args.steps} "
+        f"steps, aggregator {args.aggregator}\n"
     )
     print(
         "| method | m | step time | time vs plain | step memory vs plain |\n|---|---|---|---|---|"
