@@ -1,0 +1,189 @@
+"""The study's statistics: every cell against the mean baseline of its optimizer on the same
+seeds, Holm-corrected across cells; ``study.json``, heat maps and a Markdown summary.
+
+Per cell (``n`` reported seeds, paired with the baseline's by seed: the same head and data order):
+
+- ``metric_mean``, ``metric_std`` (ddof 1) of the test metric;
+- ``delta_mean`` and ``p_mean``: the mean paired difference and its sign-flip permutation p;
+- ``std_ratio``: the cell's std over the baseline's, with a paired bootstrap 95% interval
+  (seeds resampled jointly);
+- ``p_spread``: a paired permutation test of equal spread: under the null the two runs of a seed
+  are exchangeable, so swapping them at random gives the null distribution of
+  ``|log(var(a) / var(b))|``;
+- ``p_mean_holm``, ``p_spread_holm``: Holm's step-down adjustment over all non-baseline cells
+  (each family on its own); a result is called significant when its adjusted p is below 0.05.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from torchgrain.experiments.stats import paired_mean_test
+from torchgrain.experiments.study import design
+from torchgrain.experiments.study.runner import choose_lr, run_key, val_score
+
+ALPHA = 0.05
+BOOTSTRAP = 5_000
+PERMUTATIONS = 10_000
+VERSION = 1
+
+
+def paired_spread_test(a: np.ndarray, b: np.ndarray, seed: int = 0) -> float:
+    """Two-sided permutation p-value for ``var(a) != var(b)`` on paired samples: each pair's two
+    values are swapped at random (exchangeable under the null)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    n = len(a)
+    if n < 3:
+        return float("nan")
+    observed = abs(math.log(max(a.var(ddof=1), 1e-300) / max(b.var(ddof=1), 1e-300)))
+    swap = np.random.default_rng(seed).random((PERMUTATIONS, n)) < 0.5
+    pa, pb = np.where(swap, b, a), np.where(swap, a, b)
+    va, vb = np.maximum(pa.var(axis=1, ddof=1), 1e-300), np.maximum(pb.var(axis=1, ddof=1), 1e-300)
+    null = np.abs(np.log(va / vb))
+    return float((np.sum(null >= observed - 1e-12) + 1) / (PERMUTATIONS + 1))
+
+
+def paired_std_ratio_ci(a: np.ndarray, b: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
+    """``std(a) / std(b)`` and its 95% paired bootstrap interval (pairs resampled jointly)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    n = len(a)
+    if n < 3 or b.std(ddof=1) == 0:
+        return float("nan"), float("nan"), float("nan")
+    ratio = float(a.std(ddof=1) / b.std(ddof=1))
+    idx = np.random.default_rng(seed).integers(0, n, size=(BOOTSTRAP, n))
+    sa, sb = a[idx].std(axis=1, ddof=1), b[idx].std(axis=1, ddof=1)
+    ok = sb > 0
+    lo, hi = np.percentile(sa[ok] / sb[ok], [2.5, 97.5])
+    return ratio, float(lo), float(hi)
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (NaN stays NaN and does not count)."""
+    order = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
+    adjusted = [float("nan")] * len(pvalues)
+    running, k = 0.0, len(order)
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (k - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def analyse(preset_name: str, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``{"version", "preset", "complete", "cells": [...]}`` for every cell with all its runs."""
+    preset = design.PRESETS[preset_name]
+    cells = design.cells(preset_name)
+    finished: dict[str, dict[str, Any]] = {}
+    for cell in cells:
+        record = _cell_record(preset, cell, runs)
+        if record is not None:
+            finished[cell.key] = record
+    for key, record in finished.items():
+        base = finished.get(record["baseline"])
+        if key == record["baseline"] or base is None:
+            continue
+        record.update(_compare(record, base))
+    compared = [r for r in finished.values() if "p_mean" in r]
+    for name in ("p_mean", "p_spread"):
+        for r, adjusted in zip(compared, holm([r[name] for r in compared]), strict=True):
+            r[name + "_holm"] = adjusted
+    return {
+        "version": VERSION,
+        "preset": preset_name,
+        "complete": len(finished) == len(cells),
+        "cells": list(finished.values()),
+    }
+
+
+def _cell_record(
+    preset: design.Preset, cell: design.Cell, runs: dict[str, dict[str, Any]]
+) -> dict[str, Any] | None:
+    s = cell.setting
+    grid = design.lr_grid(preset, s.optimizer)
+    selection = [design.SELECTION_SEED0 + i for i in range(preset.selection_seeds)]
+    if any(run_key(cell.key, lr, seed) not in runs for lr in grid for seed in selection):
+        return None
+    lr = choose_lr(cell.key, grid, selection, runs)
+    reported = [runs.get(run_key(cell.key, lr, seed)) for seed in range(preset.seeds)]
+    if any(r is None for r in reported):
+        return None
+    per_run = [r for r in reported if r is not None]
+    values = np.array([r["test"] if r["test"] is not None else np.nan for r in per_run])
+    diag = [r["diagnostics"] for r in per_run if r["diagnostics"]]
+    return {
+        "key": cell.key,
+        "baseline": cell.baseline,
+        "axis": cell.axis,
+        "task": s.task,
+        "metric": "accuracy" if s.task == "topics" else "pearson",
+        "head": s.head,
+        "optimizer": s.optimizer,
+        "method": s.method,
+        "aggregator": None if s.method == "mean" else s.method,
+        "m": s.m,
+        "group_size": "label" if s.grouping == "key" else s.batch // s.m,
+        "grouping": s.grouping,
+        "noise": s.noise,
+        "average": s.average,
+        "batch": s.batch,
+        "epochs": s.epochs,
+        "lr": lr,
+        "lr_grid": list(grid),
+        "val_by_lr": {f"{g:g}": _json(val_score(cell.key, g, selection, runs)) for g in grid},
+        "val_metric": _json(val_score(cell.key, lr, selection, runs)),
+        "selection_seeds": selection,
+        "seeds": list(range(preset.seeds)),
+        "diverged": int(np.isnan(values).sum()),
+        "metric_mean": _json(float(np.nanmean(values))),
+        "metric_std": _json(float(np.nanstd(values, ddof=1))),
+        "conflict_share": _mean([d["conflict"] for d in diag]),
+        "differs_share": _mean([d["differs"] for d in diag]),
+        "d_over_mean": _mean([d["d_over_mean"] for d in diag]),
+        "seconds": _mean([r["seconds"] for r in per_run]),
+        "runs": [
+            {k: r[k] for k in ("seed", "lr", "val", "test", "train_loss", "diverged", "seconds")}
+            | {"diagnostics": r["diagnostics"]}
+            for r in per_run
+        ],
+    }
+
+
+def _compare(cell: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    a = {r["seed"]: r["test"] for r in cell["runs"]}
+    b = {r["seed"]: r["test"] for r in base["runs"]}
+    seeds = [s for s in a if s in b and a[s] is not None and b[s] is not None]
+    va, vb = np.array([a[s] for s in seeds]), np.array([b[s] for s in seeds])
+    delta, p_mean = paired_mean_test(va, vb)
+    ratio, lo, hi = paired_std_ratio_ci(va, vb)
+    corr = float(np.corrcoef(va, vb)[0, 1]) if len(seeds) > 2 else float("nan")
+    return {
+        "paired_seeds": len(seeds),
+        "delta_mean": _json(delta),
+        "p_mean": p_mean,
+        "std_ratio": _json(ratio),
+        "std_ratio_ci": [_json(lo), _json(hi)],
+        "p_spread": paired_spread_test(va, vb),
+        "pair_correlation": _json(corr),
+    }
+
+
+def _mean(values: list[float]) -> float | None:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else None
+
+
+def _json(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def write_study(out: Path, study: dict[str, Any]) -> Path:
+    """``out/study.json``, atomically."""
+    path = out / "study.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(study, indent=1))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,150 @@
+"""The study's report: a Markdown summary and heat maps of the change of mean and of spread.
+
+Each row of a heat map is a setting (axis, task, optimizer); each column a method. The colour of
+"change of mean" is the paired mean difference to the baseline in units of the baseline's std (so
+that accuracy and Pearson r share a scale; the number printed is the raw difference); the colour of
+"spread" is log2 of the std ratio (the number printed is the ratio). A star marks a Holm-adjusted
+p below 0.05.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torchgrain.experiments.study.analysis import ALPHA
+
+COLUMNS = ("min_norm", "dual_proj", "upgrad", "cagrad", "mean")
+
+
+def _rows(study: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """``(row label, compared cells)`` in the order of the design."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for cell in study["cells"]:
+        if "p_mean" not in cell:
+            continue
+        extra = f", {cell['average'].upper()}" if cell["average"] != "none" else ""
+        label = f"{cell['axis']}{extra} · {cell['task']} · {cell['optimizer']}"
+        rows.setdefault(label, []).append(cell)
+    return list(rows.items())
+
+
+def _stars(p: float | None) -> str:
+    return "*" if p is not None and p < ALPHA else ""
+
+
+def markdown(study: dict[str, Any]) -> str:
+    """Per axis, a table of every compared cell, then counts of what helped and what hurt."""
+    lines = [
+        f"# torchgrain study, preset `{study['preset']}`"
+        + ("" if study["complete"] else " (incomplete: some cells have not run yet)"),
+        "",
+        "Test metric over the reported seeds (accuracy for topics, Pearson r for valence; higher "
+        "is better), each cell against the plain mean of the same optimizer, noise and head on "
+        "the same seeds. Δmean: paired mean difference (Holm-adjusted sign-flip p). std ratio: "
+        "the cell's run-to-run std over the baseline's, paired bootstrap 95% CI (Holm-adjusted "
+        "paired permutation p). `*`: adjusted p < 0.05. lr: the rate chosen on the validation "
+        "split.",
+    ]
+    by_axis: dict[str, list[dict[str, Any]]] = {}
+    for cell in study["cells"]:
+        if "p_mean" in cell:
+            by_axis.setdefault(cell["axis"], []).append(cell)
+    base = {c["key"]: c for c in study["cells"]}
+    for axis, cells in by_axis.items():
+        lines += ["", f"## {axis}", "",
+                  "| task | optimizer | method | lr | mean ± std | baseline | Δmean (p) "
+                  "| std ratio [95% CI] (p) | steps ≠ mean |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for c in cells:
+            b = base[c["baseline"]]
+            method = c["method"] + (f" + {c['average']}" if c["average"] != "none" else "")
+            differs = "—" if c["differs_share"] is None else f"{c['differs_share']:.0%}"
+            lo, hi = c["std_ratio_ci"]
+            lines.append(
+                f"| {c['task']} | {c['optimizer']} | {method} | {c['lr']:g} "
+                f"| {_num(c['metric_mean'])} ± {_num(c['metric_std'])} "
+                f"| {_num(b['metric_mean'])} ± {_num(b['metric_std'])} "
+                f"| {_signed(c['delta_mean'])} ({_p(c['p_mean_holm'])}){_stars(c['p_mean_holm'])} "
+                f"| {_num(c['std_ratio'], '.2f')} [{_num(lo, '.2f')}, {_num(hi, '.2f')}] "
+                f"({_p(c['p_spread_holm'])}){_stars(c['p_spread_holm'])} | {differs} |"
+            )
+    compared = [c for cells in by_axis.values() for c in cells]
+    better_mean = [c for c in compared if _sig(c, "p_mean") and c["delta_mean"] > 0]
+    worse_mean = [c for c in compared if _sig(c, "p_mean") and c["delta_mean"] < 0]
+    steadier = [c for c in compared if _sig(c, "p_spread") and c["std_ratio"] < 1]
+    shakier = [c for c in compared if _sig(c, "p_spread") and c["std_ratio"] > 1]
+    lines += [
+        "",
+        "## Counts",
+        "",
+        f"{len(compared)} cells compared. Mean: {len(better_mean)} significantly better, "
+        f"{len(worse_mean)} significantly worse. Spread: {len(steadier)} significantly steadier, "
+        f"{len(shakier)} significantly less steady (Holm, α = {ALPHA}).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _sig(cell: dict[str, Any], name: str) -> bool:
+    """Holm-significant, with the effect it refers to defined."""
+    p = cell.get(name + "_holm")
+    effect = cell.get("delta_mean" if name == "p_mean" else "std_ratio")
+    return p is not None and p < ALPHA and effect is not None
+
+
+def _num(value: float | None, fmt: str = ".4f") -> str:
+    return "—" if value is None else format(value, fmt)
+
+
+def _signed(value: float | None) -> str:
+    return "—" if value is None else f"{value:+.4f}"
+
+
+def _p(value: float | None) -> str:
+    return "—" if value is None else (f"{value:.2g}" if value >= 0.001 else "<0.001")
+
+
+def heatmaps(study: dict[str, Any], out: Path) -> list[Path]:
+    """``study_mean.png`` and ``study_spread.png``; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = _rows(study)
+    if not rows:
+        return []
+    base = {c["key"]: c for c in study["cells"]}
+    written = []
+    for name, title in (("mean", "change of mean (colour: Δ / baseline std)"),
+                        ("spread", "std ratio (colour: log2)")):  # fmt: skip
+        grid = np.full((len(rows), len(COLUMNS)), np.nan)
+        fig, ax = plt.subplots(figsize=(8.5, 0.32 * len(rows) + 1.6))
+        for i, (_, cells) in enumerate(rows):
+            for c in cells:
+                j = COLUMNS.index(c["method"])
+                b = base[c["baseline"]]
+                if name == "mean" and c["delta_mean"] is not None and b["metric_std"]:
+                    grid[i, j] = c["delta_mean"] / b["metric_std"]
+                    text = f"{c['delta_mean']:+.3f}{_stars(c['p_mean_holm'])}"
+                elif name == "spread" and c["std_ratio"]:
+                    grid[i, j] = np.log2(c["std_ratio"])
+                    text = f"{c['std_ratio']:.2f}{_stars(c['p_spread_holm'])}"
+                else:
+                    continue
+                ax.text(j, i, text, ha="center", va="center", fontsize=6.5)
+        limit = max(1.0, float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0)
+        image = ax.imshow(grid, cmap="RdBu" if name == "mean" else "RdBu_r", vmin=-limit,
+                          vmax=limit, aspect="auto")  # fmt: skip
+        ax.set_xticks(range(len(COLUMNS)), COLUMNS, fontsize=7)
+        ax.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=6.5)
+        ax.set_title(f"torchgrain study ({study['preset']}): {title}; * Holm p < {ALPHA}",
+                     fontsize=8)  # fmt: skip
+        fig.colorbar(image, ax=ax, fraction=0.03)
+        fig.tight_layout()
+        path = out / f"study_{name}.png"
+        fig.savefig(path, dpi=130)
+        plt.close(fig)
+        written.append(path)
+    return written
