@@ -54,3 +54,21 @@ def test_readme_stability_table_is_the_committed_results() -> None:
     records = json.loads((ROOT / "docs/results/stability/stability.json").read_text())["records"]
     section = _section("Reproduction: does GRAIN make fine-tuning better and steadier?")
     assert stability_table(records) in section
+
+
+STUDY = ROOT / "docs" / "study" / "default"
+
+
+def test_readme_study_tables_are_the_committed_study() -> None:
+    import json
+
+    from torchgrain.experiments.study.report import compact_table, stability_table
+
+    study = json.loads((STUDY / "study.json").read_text())
+    assert study["preset"] == "default" and study["complete"]
+    section = _section("Where GRAIN helps: the study")
+    assert compact_table(study) in section
+    assert stability_table(study) in section
+    for png in ("study_mean.png", "study_spread.png", "study_stability.png"):
+        assert f"docs/study/default/{png}" in section
+        assert (STUDY / png).read_bytes()[:4] == b"\x89PNG"

@@ -163,6 +163,7 @@ def test_study_end_to_end_resumes_and_writes_everything(study_dir: Path, capsys)
     assert (study_dir / "summary.md").read_text().startswith("# torchgrain study")
     assert (study_dir / "study_mean.png").stat().st_size > 0
     assert (study_dir / "study_spread.png").stat().st_size > 0
+    assert (study_dir / "study_stability.png").stat().st_size > 0
 
 
 def test_same_command_same_numbers(study_dir: Path, tmp_path_factory) -> None:

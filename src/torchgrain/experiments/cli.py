@@ -233,11 +233,13 @@ def _study(args: argparse.Namespace) -> int:
     path = analysis.write_study(args.out, study)
     (args.out / "summary.md").write_text(report.markdown(study))
     plots = report.heatmaps(study, args.out)
+    stability_png = report.stability_plot(study, args.out)
+    plots += [stability_png] if stability_png is not None else []
     done = len(study["cells"])
     total = len(design_cells(args.preset))
     print(report.markdown(study))
     print(
-        f"wrote {path}, {args.out / 'summary.md'} and {len(plots)} heat maps; {done}/{total} "
+        f"wrote {path}, {args.out / 'summary.md'} and {len(plots)} plots; {done}/{total} "
         f"cells finished ({time.perf_counter() - start:.0f} s)"
     )
     return 0

@@ -17,16 +17,31 @@ from torchgrain.experiments.study.analysis import ALPHA
 COLUMNS = ("min_norm", "dual_proj", "upgrad", "cagrad", "mean")
 
 
+AXES = (
+    "base",
+    "group size: per-sample",
+    "group size: half",
+    "group size: micro-batches",
+    "grouping: by label",
+    "label noise 20%",
+    "plain SGD",
+    "averaging: EMA",
+    "averaging: SWA",
+)
+
+
 def _rows(study: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
-    """``(row label, compared cells)`` in the order of the design."""
-    rows: dict[str, list[dict[str, Any]]] = {}
+    """``(row label, compared cells)``: by axis (in :data:`AXES` order), task, optimizer."""
+    rows: dict[tuple[int, str, str], list[dict[str, Any]]] = {}
     for cell in study["cells"]:
         if "p_mean" not in cell:
             continue
-        extra = f", {cell['average'].upper()}" if cell["average"] != "none" else ""
-        label = f"{cell['axis']}{extra} · {cell['task']} · {cell['optimizer']}"
-        rows.setdefault(label, []).append(cell)
-    return list(rows.items())
+        axis = AXES.index(cell["axis"]) if cell["axis"] in AXES else len(AXES)
+        rows.setdefault((axis, cell["task"], cell["optimizer"]), []).append(cell)
+    return [
+        (f"{cells[0]['axis']} · {task} · {optimizer}", cells)
+        for (_, task, optimizer), cells in sorted(rows.items())
+    ]
 
 
 def _stars(p: float | None) -> str:
@@ -82,6 +97,33 @@ def markdown(study: dict[str, Any]) -> str:
         f"{len(worse_mean)} significantly worse. Spread: {len(steadier)} significantly steadier, "
         f"{len(shakier)} significantly less steady (Holm, α = {ALPHA}).",
     ]
+    return "\n".join(lines) + "\n"
+
+
+def compact_table(study: dict[str, Any]) -> str:
+    """One Markdown row per setting, one column per method: ``Δmean / std ratio``, each starred
+    when its Holm-adjusted p is below 0.05 (the README's table)."""
+    lines = [
+        "| setting | task | optimizer | " + " | ".join(COLUMNS) + " |",
+        "|---|---|---|" + "---|" * len(COLUMNS),
+    ]
+    for label, cells in _rows(study):
+        setting = label.split(" · ")[0]
+        first = cells[0]
+        by_method = {c["method"]: c for c in cells}
+        entries = []
+        for method in COLUMNS:
+            c = by_method.get(method)
+            if c is None:
+                entries.append("")
+                continue
+            delta = "—" if c["delta_mean"] is None else f"{c['delta_mean']:+.3f}"
+            ratio = "—" if c["std_ratio"] is None else f"{c['std_ratio']:.2f}"
+            entries.append(
+                f"{delta}{_stars(c['p_mean_holm'])} / {ratio}{_stars(c['p_spread_holm'])}"
+            )
+        lines.append(f"| {setting} | {first['task']} | {first['optimizer']} | "
+                     + " | ".join(entries) + " |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -148,3 +190,62 @@ def heatmaps(study: dict[str, Any], out: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def stability_plot(study: dict[str, Any], out: Path) -> Path | None:
+    """``study_stability.png``: the mean ``‖θ − θ′‖`` over the neighbouring pairs after every
+    epoch, per method, one panel per (task, head)."""
+    summary = study.get("stability", {}).get("summary", [])
+    if not summary:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["task"], r["head"]) for r in summary})
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8), squeeze=False)
+    for ax, (task, head) in zip(axes[0], panels, strict=True):
+        for r in summary:
+            if (r["task"], r["head"]) == (task, head) and r["distance_by_epoch"]:
+                epochs = range(1, len(r["distance_by_epoch"]) + 1)
+                style = "k-" if r["method"] == "mean" else "-"
+                ax.plot(epochs, r["distance_by_epoch"], style, label=r["method"], lw=1.2)
+        ax.set_title(f"{task}, {head} head, plain SGD", fontsize=8)
+        ax.set_xlabel("epoch", fontsize=7)
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_ylabel("‖θ − θ′‖ (mean over pairs)", fontsize=7)
+    axes[0][-1].legend(fontsize=6)
+    fig.tight_layout()
+    path = out / "study_stability.png"
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def stability_table(study: dict[str, Any]) -> str:
+    """Markdown: per task, head and method, ``‖θ − θ′‖`` at the end and the geometric-mean ratios
+    to the mean's (with sign-flip p) of the distance, the loss change on the swapped example and
+    the test prediction change."""
+    lines = [
+        "| task | head | method | pairs | ‖θ−θ′‖ | vs mean (p) | Δloss on the swapped example "
+        "vs mean (p) | Δprediction vs mean (p) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    order = ("mean", *COLUMNS[:-1])  # the baseline first
+    rows = sorted(
+        study.get("stability", {}).get("summary", []),
+        key=lambda r: (r["task"], r["head"], order.index(r["method"])),
+    )
+    for r in rows:
+
+        def ratio(name: str, r: dict[str, Any] = r) -> str:
+            if name + "_ratio" not in r:
+                return "—"
+            return f"{r[name + '_ratio']:.2f}x ({_p(r[name + '_p'])})"
+
+        lines.append(
+            f"| {r['task']} | {r['head']} | {r['method']} | {r['pairs']} | {_num(r['distance'])} "
+            f"| {ratio('distance')} | {ratio('loss_change')} | {ratio('prediction_change')} |"
+        )
+    return "\n".join(lines) + "\n"
