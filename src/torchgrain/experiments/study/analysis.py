@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from torchgrain.experiments.stats import paired_mean_test
-from torchgrain.experiments.study import design
+from torchgrain.experiments.study import design, heads
 from torchgrain.experiments.study.runner import choose_lr, run_key, val_score
 
 ALPHA = 0.05
@@ -119,12 +119,12 @@ def _cell_record(
         "baseline": cell.baseline,
         "axis": cell.axis,
         "task": s.task,
-        "metric": "accuracy" if s.task == "topics" else "pearson",
+        "metric": heads.METRIC[s.task],
         "head": s.head,
         "optimizer": s.optimizer,
         "method": s.method,
         "aggregator": None if s.method == "mean" else s.method,
-        "m": s.m,
+        "m": heads.KEYS[s.task] if s.grouping == "key" else s.m,  # key: one group per key
         "group_size": "label" if s.grouping == "key" else s.batch // s.m,
         "grouping": s.grouping,
         "noise": s.noise,

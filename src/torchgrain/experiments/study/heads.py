@@ -24,6 +24,7 @@ from torch import Tensor, nn
 SPLIT_SEED, NOISE_SEED = 0, 1
 TEST = {"topics": 625, "valence": 1000}
 METRIC = {"topics": "accuracy", "valence": "pearson"}
+KEYS = {"topics": 5, "valence": 4}  # groups of the by-label grouping: topics, rating quartiles
 HIDDEN = 64
 
 
