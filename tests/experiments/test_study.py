@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
+from torchgrain.experiments import stats
 from torchgrain.experiments.cli import main
-from torchgrain.experiments.study import analysis, design, features, heads
+from torchgrain.experiments.study import design, features, heads
 from torchgrain.experiments.study.runner import load_runs, run_study
 from torchgrain.experiments.study.train import Setting, train
 
@@ -123,11 +124,11 @@ def test_statistics() -> None:
     rng = np.random.default_rng(0)
     b = rng.normal(size=60)
     a = 0.4 * b + rng.normal(scale=0.1, size=60)  # much steadier, correlated
-    assert analysis.paired_spread_test(a, b) < 0.01
-    assert analysis.paired_spread_test(b + rng.normal(scale=1e-3, size=60), b) > 0.2
-    ratio, lo, hi = analysis.paired_std_ratio_ci(a, b)
+    assert stats.paired_spread_test(a, b) < 0.01
+    assert stats.paired_spread_test(b + rng.normal(scale=1e-3, size=60), b) > 0.2
+    ratio, lo, hi = stats.paired_std_ratio_ci(a, b)
     assert lo < ratio < hi and hi < 1
-    assert analysis.holm([0.01, 0.04, 0.03, math.nan]) == pytest.approx(
+    assert stats.holm([0.01, 0.04, 0.03, math.nan]) == pytest.approx(
         [0.03, 0.06, 0.06, math.nan], nan_ok=True
     )
 

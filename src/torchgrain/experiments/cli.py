@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 
 from torchgrain.experiments.presets import PRESETS, TASKS, size_of
-
-STUDY_PRESETS = ("smoke", "default", "full", "tiny")  # tiny: the test suite's
+from torchgrain.experiments.study import design as study_design
 
 DEFAULT_METHODS = ("mean", "grain-m4", "grain-m8")
 SMOKE_METHODS = ("mean", "grain-m4")
@@ -109,7 +108,12 @@ def _parser() -> argparse.ArgumentParser:
         "Writes DIR/study.json, DIR/summary.md and heat maps. Resumable; --shard i/n runs a "
         "piece, and a run without --shard merges the pieces.",
     )
-    study.add_argument("--preset", choices=STUDY_PRESETS, default="smoke", help="(default smoke)")
+    study.add_argument(
+        "--preset",
+        choices=list(study_design.PRESETS),
+        default="smoke",
+        help="(default smoke; tiny: the test suite's)",
+    )
     study.add_argument(
         "--shard", default=None, help="i/n: run only the cells i, i+n, ... (a piece of the study)"
     )
@@ -236,19 +240,13 @@ def _study(args: argparse.Namespace) -> int:
     stability_png = report.stability_plot(study, args.out)
     plots += [stability_png] if stability_png is not None else []
     done = len(study["cells"])
-    total = len(design_cells(args.preset))
+    total = len(study_design.cells(args.preset))
     print(report.markdown(study))
     print(
         f"wrote {path}, {args.out / 'summary.md'} and {len(plots)} plots; {done}/{total} "
         f"cells finished ({time.perf_counter() - start:.0f} s)"
     )
     return 0
-
-
-def design_cells(preset: str) -> list:
-    from torchgrain.experiments.study.design import cells
-
-    return cells(preset)
 
 
 def _bench(options: list[str]) -> int:

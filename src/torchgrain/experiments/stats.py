@@ -8,6 +8,10 @@
 - :func:`paired_mean_test`: does the mean differ? Runs of the two methods with the same seed
   share the head, the data order and dropout, so the test is on per-seed differences: an exact
   sign-flip permutation test (all 2^n sign patterns up to n = 16, 20,000 random ones beyond).
+- :func:`paired_std_ratio_ci` and :func:`paired_spread_test`: the paired counterparts of the first
+  two, for many seeds (``torchgrain study``): the bootstrap resamples seeds jointly, and the
+  permutation test swaps the two runs of a seed at random.
+- :func:`holm`: Holm's step-down adjustment of p-values over many comparisons.
 
 With 5 seeds a p-value can be no smaller than 1/16 (paired) and an interval is wide: these tests
 say what the data can show, and a "no difference" answer is often "not enough seeds".
@@ -16,6 +20,7 @@ say what the data can show, and a "no difference" answer is often "not enough se
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 
@@ -62,6 +67,50 @@ def paired_mean_test(a: np.ndarray, b: np.ndarray, seed: int = 0) -> tuple[float
     null = np.abs((signs * diff).mean(axis=1))
     # the observed labelling counts as one permutation, so p > 0
     return float(diff.mean()), float((np.sum(null >= observed - tol) + 1) / (PERMUTATIONS + 1))
+
+
+def paired_spread_test(
+    a: np.ndarray, b: np.ndarray, seed: int = 0, permutations: int = 10_000
+) -> float:
+    """Two-sided permutation p-value for ``var(a) != var(b)`` on paired samples: each pair's two
+    values are swapped at random (exchangeable under the null)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    n = len(a)
+    if n < 3:
+        return float("nan")
+    observed = abs(math.log(max(a.var(ddof=1), 1e-300) / max(b.var(ddof=1), 1e-300)))
+    swap = np.random.default_rng(seed).random((permutations, n)) < 0.5
+    pa, pb = np.where(swap, b, a), np.where(swap, a, b)
+    va, vb = np.maximum(pa.var(axis=1, ddof=1), 1e-300), np.maximum(pb.var(axis=1, ddof=1), 1e-300)
+    null = np.abs(np.log(va / vb))
+    return float((np.sum(null >= observed - 1e-12) + 1) / (permutations + 1))
+
+
+def paired_std_ratio_ci(
+    a: np.ndarray, b: np.ndarray, seed: int = 0, bootstrap: int = 5_000
+) -> tuple[float, float, float]:
+    """``std(a) / std(b)`` and its 95% paired bootstrap interval (pairs resampled jointly)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    n = len(a)
+    if n < 3 or b.std(ddof=1) == 0:
+        return float("nan"), float("nan"), float("nan")
+    ratio = float(a.std(ddof=1) / b.std(ddof=1))
+    idx = np.random.default_rng(seed).integers(0, n, size=(bootstrap, n))
+    sa, sb = a[idx].std(axis=1, ddof=1), b[idx].std(axis=1, ddof=1)
+    ok = sb > 0
+    lo, hi = np.percentile(sa[ok] / sb[ok], [2.5, 97.5])
+    return ratio, float(lo), float(hi)
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (NaN stays NaN and does not count)."""
+    order = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
+    adjusted = [float("nan")] * len(pvalues)
+    running, k = 0.0, len(order)
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (k - rank) * p))
+        adjusted[i] = running
+    return adjusted
 
 
 def _two_sample_perm(values: np.ndarray, n_a: int, seed: int) -> float:

@@ -23,54 +23,17 @@ from typing import Any
 
 import numpy as np
 
-from torchgrain.experiments.stats import paired_mean_test
+from torchgrain.experiments.stats import (
+    holm,
+    paired_mean_test,
+    paired_spread_test,
+    paired_std_ratio_ci,
+)
 from torchgrain.experiments.study import design, heads
 from torchgrain.experiments.study.runner import choose_lr, run_key, val_score
 
 ALPHA = 0.05
-BOOTSTRAP = 5_000
-PERMUTATIONS = 10_000
 VERSION = 1
-
-
-def paired_spread_test(a: np.ndarray, b: np.ndarray, seed: int = 0) -> float:
-    """Two-sided permutation p-value for ``var(a) != var(b)`` on paired samples: each pair's two
-    values are swapped at random (exchangeable under the null)."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    n = len(a)
-    if n < 3:
-        return float("nan")
-    observed = abs(math.log(max(a.var(ddof=1), 1e-300) / max(b.var(ddof=1), 1e-300)))
-    swap = np.random.default_rng(seed).random((PERMUTATIONS, n)) < 0.5
-    pa, pb = np.where(swap, b, a), np.where(swap, a, b)
-    va, vb = np.maximum(pa.var(axis=1, ddof=1), 1e-300), np.maximum(pb.var(axis=1, ddof=1), 1e-300)
-    null = np.abs(np.log(va / vb))
-    return float((np.sum(null >= observed - 1e-12) + 1) / (PERMUTATIONS + 1))
-
-
-def paired_std_ratio_ci(a: np.ndarray, b: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
-    """``std(a) / std(b)`` and its 95% paired bootstrap interval (pairs resampled jointly)."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    n = len(a)
-    if n < 3 or b.std(ddof=1) == 0:
-        return float("nan"), float("nan"), float("nan")
-    ratio = float(a.std(ddof=1) / b.std(ddof=1))
-    idx = np.random.default_rng(seed).integers(0, n, size=(BOOTSTRAP, n))
-    sa, sb = a[idx].std(axis=1, ddof=1), b[idx].std(axis=1, ddof=1)
-    ok = sb > 0
-    lo, hi = np.percentile(sa[ok] / sb[ok], [2.5, 97.5])
-    return ratio, float(lo), float(hi)
-
-
-def holm(pvalues: list[float]) -> list[float]:
-    """Holm's step-down adjusted p-values (NaN stays NaN and does not count)."""
-    order = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
-    adjusted = [float("nan")] * len(pvalues)
-    running, k = 0.0, len(order)
-    for rank, (p, i) in enumerate(order):
-        running = max(running, min(1.0, (k - rank) * p))
-        adjusted[i] = running
-    return adjusted
 
 
 def analyse(preset_name: str, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:

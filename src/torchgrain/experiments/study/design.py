@@ -15,7 +15,7 @@ mean baseline with the same optimizer, noise and head on the same seeds:
   and EMA of every aggregator.
 
 ``smoke`` keeps one level of every axis with few seeds, to prove the pipeline in minutes;
-``default`` is the study; ``full`` has more seeds and data. Seeds: see ``docs/study_power.md``.
+``default`` is the study; ``full`` has more seeds and data. Seeds: see ``docs/study.md``.
 """
 
 from __future__ import annotations

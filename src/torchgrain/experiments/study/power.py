@@ -1,13 +1,14 @@
 """How many seeds does the study need to see a 30% change of run-to-run spread?
 
-Monte-Carlo power of the study's own spread test (:func:`analysis.paired_spread_test`): pairs
-``(a, b)`` drawn from a bivariate normal with ``std(a) / std(b) = ratio`` and correlation ``rho``
-(runs of two methods on the same seed share the head and the data order, so they correlate), the
-test run at level ``alpha``, the share of rejections counted. Run it as
+Monte-Carlo power of the study's own spread test
+(:func:`torchgrain.experiments.stats.paired_spread_test`): pairs ``(a, b)`` drawn from a bivariate
+normal with ``std(a) / std(b) = ratio`` and correlation ``rho`` (runs of two methods on the same
+seed share the head and the data order, so they correlate), the test run at level ``alpha``, the
+share of rejections counted. Run it as
 
     python -m torchgrain.experiments.study.power [--rho 0 0.5 0.8] [--seeds 20 40 60]
 
-The table it prints, and the correlations the study measured, are in ``docs/study_power.md``.
+The table it prints, and the correlations the study measured, are in ``docs/study.md``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 
 import numpy as np
 
-from torchgrain.experiments.study import analysis
+from torchgrain.experiments.stats import paired_spread_test
 
 
 def spread_power(
@@ -35,7 +36,7 @@ def spread_power(
     hits = 0
     for i in range(sims):
         a, b = rng.multivariate_normal([0.0, 0.0], cov, size=n).T
-        hits += analysis.paired_spread_test(a, b, seed=i) < alpha
+        hits += paired_spread_test(a, b, seed=i) < alpha
     return hits / sims
 
 
