@@ -56,7 +56,7 @@ def test_readme_stability_table_is_the_committed_results() -> None:
     assert stability_table(records) in section
 
 
-STUDY = ROOT / "docs" / "study" / "default"
+STUDY = ROOT / "docs" / "results" / "study" / "default"
 
 
 def test_readme_study_tables_are_the_committed_study() -> None:
@@ -70,5 +70,5 @@ def test_readme_study_tables_are_the_committed_study() -> None:
     assert compact_table(study) in section
     assert stability_table(study) in section
     for png in ("study_mean.png", "study_spread.png", "study_stability.png"):
-        assert f"docs/study/default/{png}" in section
+        assert f"docs/results/study/default/{png}" in section
         assert (STUDY / png).read_bytes()[:4] == b"\x89PNG"

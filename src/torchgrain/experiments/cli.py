@@ -118,6 +118,12 @@ def _parser() -> argparse.ArgumentParser:
         "--shard", default=None, help="i/n: run only the cells i, i+n, ... (a piece of the study)"
     )
     study.add_argument("--max-runs", type=int, help="stop after this many new runs")
+    study.add_argument(
+        "--finalists",
+        action="store_true",
+        help="instead of the cheap tasks, fine-tune SmolLM2 (the generation task) on the cells "
+        "they single out: DIR/finalists.json, finalists.md and finalists.png",
+    )
     _common(study, "runs/study")
     study.set_defaults(func=_study)
 
@@ -216,6 +222,8 @@ def _study(args: argparse.Namespace) -> int:
     from torchgrain.experiments.study.runner import load_stability, run_study
     from torchgrain.experiments.study.stability import summarize
 
+    if args.finalists:
+        return _finalists(args)
     shard = (0, 1)
     if args.shard is not None:
         try:
@@ -245,6 +253,30 @@ def _study(args: argparse.Namespace) -> int:
     print(
         f"wrote {path}, {args.out / 'summary.md'} and {len(plots)} plots; {done}/{total} "
         f"cells finished ({time.perf_counter() - start:.0f} s)"
+    )
+    return 0
+
+
+def _finalists(args: argparse.Namespace) -> int:
+    from torchgrain.experiments.study import finalists
+
+    if args.shard is not None:
+        raise ValueError("--shard splits the cheap tasks; the finalists run in one piece (resume)")
+    device = _device(args.device)
+    print(
+        f"torchgrain study --finalists: preset {args.preset}, device {device}, out {args.out}",
+        flush=True,
+    )
+    start = time.perf_counter()
+    runs = finalists.run_finalists(
+        args.preset, args.out, device=device, progress=args.progress, max_runs=args.max_runs
+    )
+    result = finalists.analyse_finalists(args.preset, runs)
+    written = finalists.write_finalists(args.out, result)
+    print((args.out / "finalists.md").read_text())
+    print(
+        f"wrote {', '.join(str(p) for p in written)}; {len(result['cells'])}/"
+        f"{len(finalists.finalist_cells())} cells finished ({time.perf_counter() - start:.0f} s)"
     )
     return 0
 

@@ -6,7 +6,9 @@ step with m contiguous groups of the shuffled batch), ``dualproj-m<m>``, ``upgra
 ``-rescaled`` (the direction ``d`` stretched to the mean gradient's norm, which separates the
 direction from the shorter step).
 Everything else is shared: AdamW (weight decay 0.01), linear warm-up over 10% of the steps then
-linear decay, gradient clipping at norm 1, the last incomplete batch of an epoch dropped.
+linear decay, gradient clipping at norm 1, the last incomplete batch of an epoch dropped. The
+study's generation finalists (``study/finalists.py``) change these through :class:`Recipe`: SGD
+with momentum, a constant rate of their own choice, no clipping, and an EMA of the weights.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from torchgrain import GRAIN
+from torchgrain.experiments.study.train import make_optimizer
 from torchgrain.experiments.tasks import Example, Task
 
 # Method-name prefix -> GRAIN's aggregator.
@@ -56,6 +60,22 @@ class Method:
         return cls(name, int(match.group(3)), bool(match.group(4)), AGGREGATOR_OF[match.group(2)])
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """How a run optimizes: the reproduction's recipe by default.
+
+    ``lr`` None is the size's rate; ``constant`` drops the warm-up and decay; ``clip`` None drops
+    the clipping; ``ema`` also evaluates an exponential moving average of the weights, decay
+    ``1 - 1 / (steps per epoch)`` (as in the study's heads), into the record's ``ema`` entry.
+    """
+
+    optimizer: str = "adamw"  # adamw (weight decay 0.01), sgdm (momentum 0.9) or sgd
+    lr: float | None = None
+    constant: bool = False
+    clip: float | None = 1.0
+    ema: bool = False
+
+
 def train(
     task: Task,
     method: Method,
@@ -63,6 +83,8 @@ def train(
     *,
     train_set: list[Example] | None = None,
     on_step: Callable[[], None] | None = None,
+    recipe: Recipe = Recipe(),
+    eval_set: list[Example] | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Fine-tune a fresh copy of ``task``'s model; returns the model and the run's record.
 
@@ -70,6 +92,9 @@ def train(
         train_set: the training examples (default ``task.train``; the stability experiment
             passes a copy with one example swapped).
         on_step: called after every optimizer step (progress bars).
+        recipe: the optimizer, rate, schedule, clipping and weight averaging.
+        eval_set: the examples the metric is measured on (default ``task.test``; the study's
+            learning-rate choice passes ``task.val``).
     """
     size = task.size
     examples = task.train if train_set is None else train_set
@@ -81,12 +106,21 @@ def train(
     torch.manual_seed(seed)  # dropout
     model = task.new_model(seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=size.lr, weight_decay=0.01)
+    lr = size.lr if recipe.lr is None else recipe.lr
+    optimizer = make_optimizer(recipe.optimizer, params, lr)
     per_epoch = len(examples) // size.batch
     total = per_epoch * size.epochs
     warmup = max(1, total // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
+        optimizer,
+        (lambda s: 1.0)
+        if recipe.constant
+        else (lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))),
+    )
+    averaged = (
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(1.0 - 1.0 / max(per_epoch, 2)))
+        if recipe.ema
+        else None
     )
     grain = (
         GRAIN(model, num_groups=method.groups, aggregator=method.aggregator)
@@ -98,11 +132,16 @@ def train(
     evals: list[dict[str, float]] = []
     diag = _Diagnostics()
     start = time.perf_counter()
+    diverged = False
     for epoch in range(size.epochs):
         perm = torch.randperm(len(examples), generator=order).tolist()
         for b in range(per_epoch):
             batch = task.batch([examples[i] for i in perm[b * size.batch : (b + 1) * size.batch]])
             losses = task.losses(model, batch)  # (B,)
+            step_loss.append(float(losses.detach().float().mean()))
+            if not math.isfinite(step_loss[-1]):  # diverged: no step on a non-finite loss
+                diverged = True
+                break
             if grain is None:
                 losses.mean().backward()
             else:
@@ -113,15 +152,20 @@ def train(
                     for p in params:
                         if p.grad is not None:
                             p.grad.mul_(scale)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            if recipe.clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, recipe.clip)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            step_loss.append(float(losses.detach().float().mean()))
+            if averaged is not None:
+                averaged.update_parameters(model)
             if on_step is not None:
                 on_step()
+        if diverged:
+            evals.append({"epoch": epoch + 1, task.metric: math.nan})
+            break
         if size.eval_each_epoch or epoch == size.epochs - 1:
-            evals.append({"epoch": epoch + 1, **task.evaluate(model)})
+            evals.append({"epoch": epoch + 1, **task.evaluate(model, eval_set)})
     seconds = time.perf_counter() - start
     if grain is not None:
         grain.close()
@@ -136,7 +180,12 @@ def train(
         "diagnostics": diag.summary(),
         "seconds": seconds,
         "steps": total,
+        "diverged": diverged,
     }
+    if averaged is not None:
+        record["ema"] = (
+            {task.metric: math.nan} if diverged else task.evaluate(averaged.module, eval_set)
+        )
     return model, record
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Any
 
 import numpy as np
 
@@ -111,6 +112,19 @@ def holm(pvalues: list[float]) -> list[float]:
         running = max(running, min(1.0, (k - rank) * p))
         adjusted[i] = running
     return adjusted
+
+
+def finite_or_none(value: Any) -> Any:
+    """JSON has no NaN or infinity: a non-finite float (a diverged run's metric) becomes null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def mean_of(values: list[float | None]) -> float | None:
+    """The mean of the finite values, or None when there are none."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else None
 
 
 def _two_sample_perm(values: np.ndarray, n_a: int, seed: int) -> float:

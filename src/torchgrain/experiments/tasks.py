@@ -60,6 +60,7 @@ class Task:
     pad_id: int
     autocast: bool  # bfloat16 autocast of the forward
     extra: dict[str, Any] = field(default_factory=dict)
+    val: list[Example] = field(default_factory=list)  # validation, from the training pool
 
     # ------------------------------------------------------------------------------ models
     def new_model(self, seed: int) -> nn.Module:
@@ -110,13 +111,17 @@ class Task:
 
     # ----------------------------------------------------------------------------- evaluate
     def evaluate(self, model: nn.Module, examples: list[Example] | None = None) -> dict[str, float]:
-        """The test metric (first key) and extras, with the model in eval mode."""
-        examples = examples or self.test
+        """The metric (first key) and extras on ``examples`` (default the test set), with the
+        model in eval mode."""
+        examples = self.test if examples is None else examples
+        if not examples:
+            raise ValueError("no examples to evaluate on; pass a non-empty list (or None: test)")
         outs = self._outputs(model, examples, raw=False)
         if self.name == "generation":
             nll = sum(o[0] for o in outs)
             count = sum(o[1] for o in outs)
-            return {"perplexity": math.exp(nll / count), "test_loss": nll / count}
+            loss = nll / count
+            return {"perplexity": math.exp(loss) if loss < 700 else math.inf, "test_loss": loss}
         pred = torch.cat([o[0] for o in outs])  # (N,) or (N, C)
         target = torch.tensor([e.target for e in examples])
         if self.name == "classification":
@@ -160,20 +165,27 @@ class Task:
             ).logits
 
 
-def load_task(name: str, size: Size, device: torch.device | str = "cpu") -> Task:
-    """Load ``name``'s data and pretrained model at ``size``."""
+def load_task(name: str, size: Size, device: torch.device | str = "cpu", val: int = 0) -> Task:
+    """Load ``name``'s data and pretrained model at ``size``.
+
+    Args:
+        val: validation examples to carve from the training pool, after the test, train and
+            spare slices (``Task.val``; for choosing a learning rate without reading the test set).
+    """
     device = torch.device(device)
     autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if val < 0:
+        raise ValueError(f"val must be >= 0 examples, got {val}")
     if name == "classification":
-        return _classification(size, device, autocast)
+        return _classification(size, device, autocast, val)
     if name == "regression":
-        return _regression(size, device, autocast)
+        return _regression(size, device, autocast, val)
     if name == "generation":
-        return _generation(size, device, autocast)
+        return _generation(size, device, autocast, val)
     raise ValueError(f"unknown task {name!r}; choose classification, regression or generation")
 
 
-def _classification(size: Size, device: torch.device, autocast: bool) -> Task:
+def _classification(size: Size, device: torch.device, autocast: bool, val: int) -> Task:
     articles = assets.bbc_news()
     gen = torch.Generator().manual_seed(SPLIT_SEED)
     by_topic = [[a for a in articles if a.topic == t] for t in range(len(assets.BBC_TOPICS))]
@@ -186,16 +198,16 @@ def _classification(size: Size, device: torch.device, autocast: bool) -> Task:
     texts = [f"{a.title}. {a.body}" for a in order]
     ids = tok(texts, truncation=True, max_length=size.tokens)["input_ids"]
     examples = [Example(i, float(a.topic)) for i, a in zip(ids, order, strict=True)]
-    test, train, spare = _split(examples, size)
+    test, train, spare, held = _split(examples, size, val)
     return Task(
         "classification", "accuracy", True,
         f"all-MiniLM-L6-v2 on BBC News topics ({size.train} train, {size.test} test, "
         f"<= {size.tokens} tokens)",
-        size, device, train, test, spare, base, tok.pad_token_id, autocast,
+        size, device, train, test, spare, base, tok.pad_token_id, autocast, val=held,
     )  # fmt: skip
 
 
-def _regression(size: Size, device: torch.device, autocast: bool) -> Task:
+def _regression(size: Size, device: torch.device, autocast: bool, val: int) -> Task:
     words = assets.vader_lexicon()
     gen = torch.Generator().manual_seed(SPLIT_SEED)
     words = [words[i] for i in torch.randperm(len(words), generator=gen)]
@@ -204,7 +216,7 @@ def _regression(size: Size, device: torch.device, autocast: bool) -> Task:
     )
     ratings = torch.tensor([v for _, v in words])
     ids = tok([w for w, _ in words], truncation=True, max_length=size.tokens)["input_ids"]
-    test, train, spare = _split(list(zip(ids, ratings.tolist(), strict=True)), size)
+    test, train, spare, held = _split(list(zip(ids, ratings.tolist(), strict=True)), size, val)
     train_ratings = torch.tensor([v for _, v in train])
     mean, std = float(train_ratings.mean()), float(train_ratings.std())
 
@@ -216,10 +228,11 @@ def _regression(size: Size, device: torch.device, autocast: bool) -> Task:
         f"all-MiniLM-L6-v2 on VADER word valence ({size.train} train, {size.test} test)",
         size, device, standardize(train), standardize(test), standardize(spare), base,
         tok.pad_token_id, autocast, {"target_mean": mean, "target_std": std},
+        standardize(held),
     )  # fmt: skip
 
 
-def _generation(size: Size, device: torch.device, autocast: bool) -> Task:
+def _generation(size: Size, device: torch.device, autocast: bool, val: int) -> Task:
     articles = assets.bbc_news()
     gen = torch.Generator().manual_seed(SPLIT_SEED + 1)
     order = [articles[i] for i in torch.randperm(len(articles), generator=gen)]
@@ -230,21 +243,21 @@ def _generation(size: Size, device: torch.device, autocast: bool) -> Task:
         tok, base = assets.load_smollm2()
         eos = tok.eos_token_id
     examples = []
-    for a in order[: size.test + size.train + SPARE]:
+    for a in order[: size.test + size.train + SPARE + val]:
         prompt = tok(
             "Article: " + a.body, add_special_tokens=False, truncation=True, max_length=size.tokens
         )["input_ids"]
         prompt += tok("\nHeadline:", add_special_tokens=False)["input_ids"]
         title = [*tok(" " + a.title, add_special_tokens=False)["input_ids"][:24], eos]
         examples.append(Example(prompt + title, 0.0, prompt_len=len(prompt)))
-    test, train, spare = _split(examples, size)
+    test, train, spare, held = _split(examples, size, val)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     model_name = "a random 2-layer Llama (test only)" if size.tiny else "SmolLM2-135M-Instruct"
     return Task(
         "generation", "perplexity", False,
         f"{model_name} writing BBC News headlines ({size.train} train, {size.test} test, "
         f"last {size.layers} layers trained)",
-        size, device, train, test, spare, base, pad, autocast,
+        size, device, train, test, spare, base, pad, autocast, val=held,
     )  # fmt: skip
 
 
@@ -263,15 +276,16 @@ def _tiny_llama() -> tuple[Any, nn.Module]:
         return tok, transformers.LlamaForCausalLM(config)
 
 
-def _split(rows: list, size: Size) -> tuple[list, list, list]:
-    """Fixed test, train and spare slices of an already shuffled list."""
+def _split(rows: list, size: Size, val: int = 0) -> tuple[list, list, list, list]:
+    """Fixed test, train, spare and validation slices of an already shuffled list."""
     need = size.test + size.train + SPARE
-    if len(rows) < need:
-        raise ValueError(f"the task has {len(rows)} examples; the size asks for {need}")
+    if len(rows) < need + val:
+        raise ValueError(f"the task has {len(rows)} examples; the size asks for {need + val}")
     return (
         rows[: size.test],
         rows[size.test : size.test + size.train],
         rows[size.test + size.train : need],
+        rows[need : need + val],
     )
 
 

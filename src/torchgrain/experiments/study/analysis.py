@@ -17,14 +17,15 @@ Per cell (``n`` reported seeds, paired with the baseline's by seed: the same hea
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from torchgrain.experiments.stats import (
+    finite_or_none,
     holm,
+    mean_of,
     paired_mean_test,
     paired_spread_test,
     paired_std_ratio_ci,
@@ -49,7 +50,7 @@ def analyse(preset_name: str, runs: dict[str, dict[str, Any]]) -> dict[str, Any]
         base = finished.get(record["baseline"])
         if key == record["baseline"] or base is None:
             continue
-        record.update(_compare(record, base))
+        record.update(compare(record, base))
     compared = [r for r in finished.values() if "p_mean" in r]
     for name in ("p_mean", "p_spread"):
         for r, adjusted in zip(compared, holm([r[name] for r in compared]), strict=True):
@@ -96,17 +97,19 @@ def _cell_record(
         "epochs": s.epochs,
         "lr": lr,
         "lr_grid": list(grid),
-        "val_by_lr": {f"{g:g}": _json(val_score(cell.key, g, selection, runs)) for g in grid},
-        "val_metric": _json(val_score(cell.key, lr, selection, runs)),
+        "val_by_lr": {
+            f"{g:g}": finite_or_none(val_score(cell.key, g, selection, runs)) for g in grid
+        },
+        "val_metric": finite_or_none(val_score(cell.key, lr, selection, runs)),
         "selection_seeds": selection,
         "seeds": list(range(preset.seeds)),
         "diverged": int(np.isnan(values).sum()),
-        "metric_mean": _json(float(np.nanmean(values))),
-        "metric_std": _json(float(np.nanstd(values, ddof=1))),
-        "conflict_share": _mean([d["conflict"] for d in diag]),
-        "differs_share": _mean([d["differs"] for d in diag]),
-        "d_over_mean": _mean([d["d_over_mean"] for d in diag]),
-        "seconds": _mean([r["seconds"] for r in per_run]),
+        "metric_mean": finite_or_none(float(np.nanmean(values))),
+        "metric_std": finite_or_none(float(np.nanstd(values, ddof=1))),
+        "conflict_share": mean_of([d["conflict"] for d in diag]),
+        "differs_share": mean_of([d["differs"] for d in diag]),
+        "d_over_mean": mean_of([d["d_over_mean"] for d in diag]),
+        "seconds": mean_of([r["seconds"] for r in per_run]),
         "runs": [
             {k: r[k] for k in ("seed", "lr", "val", "test", "train_loss", "diverged", "seconds")}
             | {"diagnostics": r["diagnostics"]}
@@ -115,7 +118,7 @@ def _cell_record(
     }
 
 
-def _compare(cell: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+def compare(cell: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     a = {r["seed"]: r["test"] for r in cell["runs"]}
     b = {r["seed"]: r["test"] for r in base["runs"]}
     seeds = [s for s in a if s in b and a[s] is not None and b[s] is not None]
@@ -125,22 +128,13 @@ def _compare(cell: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     corr = float(np.corrcoef(va, vb)[0, 1]) if len(seeds) > 2 else float("nan")
     return {
         "paired_seeds": len(seeds),
-        "delta_mean": _json(delta),
+        "delta_mean": finite_or_none(delta),
         "p_mean": p_mean,
-        "std_ratio": _json(ratio),
-        "std_ratio_ci": [_json(lo), _json(hi)],
+        "std_ratio": finite_or_none(ratio),
+        "std_ratio_ci": [finite_or_none(lo), finite_or_none(hi)],
         "p_spread": paired_spread_test(va, vb),
-        "pair_correlation": _json(corr),
+        "pair_correlation": finite_or_none(corr),
     }
-
-
-def _mean(values: list[float]) -> float | None:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else None
-
-
-def _json(value: float) -> float | None:
-    return value if math.isfinite(value) else None
 
 
 def write_study(out: Path, study: dict[str, Any]) -> Path:

@@ -249,3 +249,83 @@ def stability_table(study: dict[str, Any]) -> str:
             f"| {ratio('distance')} | {ratio('loss_change')} | {ratio('prediction_change')} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def finalists_markdown(result: dict[str, Any]) -> str:
+    """The generation finalists: every cell against its optimizer's plain mean."""
+    size = result["size"]
+    lines = [
+        f"# torchgrain study, generation finalists, preset `{result['preset']}`"
+        + ("" if result["complete"] else " (incomplete: some cells have not run yet)"),
+        "",
+        f"{result['model']} writing BBC News headlines: {size['train']} training examples, "
+        f"{size['epochs']} epochs of batches of {size['batch']}, last {size['layers']} layers "
+        f"trained; test perplexity on {size['test']} held-out examples (lower is better). Each "
+        f"cell chose its constant rate on {result['val']} validation examples from the training "
+        "pool over the selection seeds, and is compared with its optimizer's plain mean on the "
+        "same seeds. Δmean: paired mean difference (negative is better; Holm-adjusted sign-flip "
+        "p). std ratio: run-to-run std over the baseline's, paired bootstrap 95% CI "
+        "(Holm-adjusted paired permutation p). `*`: adjusted p < 0.05. `†`: the chosen rate is at "
+        "the edge of the grid.",
+        "",
+        "| optimizer | method | averaging | lr | validation ppl by lr | test ppl mean ± std "
+        "| Δmean (p) | std ratio [95% CI] (p) | steps ≠ mean |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in result["cells"]:
+        by_lr = ", ".join(f"{lr}: {_num(v, '.2f')}" for lr, v in c["val_by_lr"].items())
+        differs = "—" if c["differs_share"] is None else f"{c['differs_share']:.0%}"
+        if "p_mean" in c:
+            lo, hi = c["std_ratio_ci"]
+            p_mean = c["p_mean_holm"]
+            delta = f"{_num(c['delta_mean'], '+.2f')} ({_p(p_mean)}){_stars(p_mean)}"
+            ratio = (
+                f"{_num(c['std_ratio'], '.2f')} [{_num(lo, '.2f')}, {_num(hi, '.2f')}] "
+                f"({_p(c['p_spread_holm'])}){_stars(c['p_spread_holm'])}"
+            )
+        else:
+            delta, ratio = "baseline", "baseline"
+        lines.append(
+            f"| {c['optimizer']} | {c['method']} | {c['average']} | {c['lr']:g}"
+            f"{'†' if c['lr_at_edge'] else ''} | {by_lr} "
+            f"| {_num(c['metric_mean'], '.2f')} ± {_num(c['metric_std'], '.2f')} | {delta} "
+            f"| {ratio} | {differs} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def finalists_plot(result: dict[str, Any], out: Path) -> Path | None:
+    """``finalists.png``: every reported seed's test perplexity per cell, seeds joined across
+    the cells of an optimizer (the pairing), with each cell's mean."""
+    cells = result["cells"]
+    if not cells:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    optimizers = list(dict.fromkeys(c["optimizer"] for c in cells))
+    fig, axes = plt.subplots(1, len(optimizers), figsize=(4.2 * len(optimizers), 3.2),
+                             squeeze=False)  # fmt: skip
+    for ax, optimizer in zip(axes[0], optimizers, strict=True):
+        mine = [c for c in cells if c["optimizer"] == optimizer]
+        labels = [c["method"] + ("\n+ EMA" if c["average"] == "ema" else "") for c in mine]
+        seeds = sorted({r["seed"] for c in mine for r in c["runs"]})
+        for seed in seeds:
+            ys = [next((r["test"] for r in c["runs"] if r["seed"] == seed), None) for c in mine]
+            ax.plot(range(len(mine)), [float("nan") if y is None else y for y in ys], "-",
+                    color="0.8", lw=0.6, zorder=1)  # fmt: skip
+        for i, c in enumerate(mine):
+            ys = [r["test"] for r in c["runs"] if r["test"] is not None]
+            ax.scatter([i] * len(ys), ys, s=9, zorder=2)
+            if c["metric_mean"] is not None:
+                ax.plot([i - 0.25, i + 0.25], [c["metric_mean"]] * 2, "k-", lw=1.5, zorder=3)
+        ax.set_xticks(range(len(mine)), labels, fontsize=6.5)
+        ax.set_title(f"{optimizer}: test perplexity per seed (lower is better)", fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    path = out / "finalists.png"
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path

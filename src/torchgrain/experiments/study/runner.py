@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from torchgrain.experiments._progress import bar
+from torchgrain.experiments.stats import finite_or_none
 from torchgrain.experiments.study import design
 from torchgrain.experiments.study.features import load_features
 from torchgrain.experiments.study.heads import Data, make_data
@@ -29,7 +30,8 @@ from torchgrain.experiments.study.stability import (
 from torchgrain.experiments.study.train import Setting, train
 
 
-def _read_jsonl(out: Path, pattern: str) -> list[dict[str, Any]]:
+def read_jsonl(out: Path, pattern: str) -> list[dict[str, Any]]:
+    """The records of every file under ``out`` matching ``pattern``, in file order."""
     records = []
     for path in sorted(out.glob(pattern)):
         for line in path.read_text().splitlines():
@@ -47,12 +49,12 @@ def run_key(cell: str, lr: float, seed: int) -> str:
 
 def load_runs(out: Path) -> dict[str, dict[str, Any]]:
     """Every finished run under ``out`` (all shards), by :func:`run_key`."""
-    return {r["key"]: r for r in _read_jsonl(out, "runs-*.jsonl")}
+    return {r["key"]: r for r in read_jsonl(out, "runs-*.jsonl")}
 
 
 def load_stability(out: Path) -> list[dict[str, Any]]:
     """Every finished stability pair under ``out`` (all shards), one record per key."""
-    return list({r["key"]: r for r in _read_jsonl(out, "stability-*.jsonl")}.values())
+    return list({r["key"]: r for r in read_jsonl(out, "stability-*.jsonl")}.values())
 
 
 class _Data:
@@ -163,18 +165,31 @@ def _pending(
 
 
 def choose_lr(
-    cell: str, grid: tuple[float, ...], seeds: list[int], runs: dict[str, dict[str, Any]]
+    cell: str,
+    grid: tuple[float, ...],
+    seeds: list[int],
+    runs: dict[str, dict[str, Any]],
+    higher_is_better: bool = True,
 ) -> float:
     """The rate with the best mean validation metric over the selection seeds; a diverged run
     scores minus infinity; ties go to the smaller rate."""
-    return max(grid, key=lambda lr: (val_score(cell, lr, seeds, runs), -lr))
+    return max(grid, key=lambda lr: (val_score(cell, lr, seeds, runs, higher_is_better), -lr))
 
 
-def val_score(cell: str, lr: float, seeds: list[int], runs: dict[str, dict[str, Any]]) -> float:
+def val_score(
+    cell: str,
+    lr: float,
+    seeds: list[int],
+    runs: dict[str, dict[str, Any]],
+    higher_is_better: bool = True,
+) -> float:
+    """The mean validation metric over ``seeds``, negated when lower is better (so that higher
+    is always better); minus infinity when a run is missing or diverged."""
     values = [runs[run_key(cell, lr, s)]["val"] for s in seeds if run_key(cell, lr, s) in runs]
     if not values or any(v is None or not math.isfinite(v) for v in values):
         return -math.inf
-    return sum(values) / len(values)
+    mean = sum(values) / len(values)
+    return mean if higher_is_better else -mean
 
 
 def _one(cell: design.Cell, data: _Data, lr: float, seed: int) -> dict[str, Any]:
@@ -186,13 +201,6 @@ def _one(cell: design.Cell, data: _Data, lr: float, seed: int) -> dict[str, Any]
         "lr": lr,
         "seed": seed,
         "selection": seed >= design.SELECTION_SEED0,
-        **{k: _finite_or_none(v) for k, v in result.items() if k != "diagnostics"},
+        **{k: finite_or_none(v) for k, v in result.items() if k != "diagnostics"},
         "diagnostics": result["diagnostics"],
     }
-
-
-def _finite_or_none(value: Any) -> Any:
-    """JSON has no NaN: a diverged run's metrics are stored as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
