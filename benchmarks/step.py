@@ -1,16 +1,26 @@
 """Step time and peak memory of GRAIN's engines against plain mean-loss training, as ratios.
 
-The model is a MiniLM-size BERT encoder (6 layers, hidden 384, 12 heads, FFN 1536, vocab 30522:
-22.7M parameters, random weights: timing does not depend on them) with a classification head,
-trained with AdamW on B x T tokens, fully or with LoRA (r = 8 on query/value, PEFT). Every
-configuration runs in its own subprocess, one at a time, so that its peak resident memory is its
-own; the plain step is measured in the same run, and every figure is a ratio to it.
+The model (random weights: timing does not depend on them), ``--model``:
+
+- ``minilm`` (default): a MiniLM-size BERT encoder (6 layers, hidden 384, 12 heads, FFN 1536,
+  vocab 30522: 22.7M parameters) with a classification head;
+- ``bert-small``: a small BERT-like encoder (4 layers, hidden 256, 4 heads, FFN 1024), the
+  regime of the reproduction's short sequences;
+- ``smollm2``: a Llama of SmolLM2-135M's shape (30 layers, hidden 576, 9 heads, 3 KV heads, FFN
+  1536, vocab 49152, tied embeddings), per-sample causal-LM losses.
+
+It is trained with AdamW on B x T tokens, fully or with LoRA (r = 8 on the query and value
+projections, PEFT), on ``--device`` (cpu or cuda; ``--autocast`` runs the forward under bfloat16
+autocast). Every configuration runs in its own subprocess, one at a time, so that its peak
+memory is its own; the plain step is measured in the same run, and every figure is a ratio to it.
 
     python benchmarks/step.py                    # B=32, T=128, m in 2 4 8 16 32 (CPU: ~15 min)
     python benchmarks/step.py --batch 8 --tokens 32 --groups 2 8 --steps 2   # a quick look
+    python benchmarks/step.py --device cuda --model smollm2 --autocast --batch 16 --tokens 256
 
-Columns: time = median step time / plain's; memory = peak RSS growth during the steps (over the
-RSS after building the model and optimizer) / plain's. TorchJD (optional: pip install torchjd)
+Columns: time = median step time / plain's; memory = peak growth during the steps (over the
+memory after building the model and optimizer: resident memory on the CPU, allocated CUDA
+memory on a GPU) / plain's. TorchJD (optional: pip install torchjd)
 runs its autogram engine with MGDA on the same m group losses, and on the B per-sample losses.
 ``--aggregator dual_proj|upgrad|cagrad`` runs GRAIN with that aggregator and TorchJD with its
 DualProj / UPGrad / CAGrad(c = 0.5) weighting instead of MGDA.
@@ -28,22 +38,31 @@ import subprocess
 import sys
 import time
 
+MODELS = ("minilm", "bert-small", "smollm2")
+
 
 def _build(args: argparse.Namespace, lora: bool):  # type: ignore[no-untyped-def]
     import torch
-    from transformers import BertConfig, BertForSequenceClassification
+    import transformers
 
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=384,
-        num_hidden_layers=6,
-        num_attention_heads=12,
-        intermediate_size=1536,
-        num_labels=5,
-        attn_implementation="sdpa",
-    )
-    model = BertForSequenceClassification(config)
+    if args.model == "smollm2":
+        config = transformers.LlamaConfig(
+            vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+            num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+            tie_word_embeddings=True, attn_implementation="sdpa",
+        )  # fmt: skip
+        model = transformers.LlamaForCausalLM(config)
+        targets, save = ["q_proj", "v_proj"], None
+    else:
+        small = args.model == "bert-small"
+        config = transformers.BertConfig(
+            vocab_size=30522, hidden_size=256 if small else 384,
+            num_hidden_layers=4 if small else 6, num_attention_heads=4 if small else 12,
+            intermediate_size=1024 if small else 1536, num_labels=5, attn_implementation="sdpa",
+        )  # fmt: skip
+        model = transformers.BertForSequenceClassification(config)
+        targets, save = ["query", "value"], ["classifier"]
     if lora:
         from peft import LoraConfig, get_peft_model
 
@@ -52,28 +71,47 @@ def _build(args: argparse.Namespace, lora: bool):  # type: ignore[no-untyped-def
             LoraConfig(
                 r=8,
                 lora_alpha=16,
-                target_modules=["query", "value"],
+                target_modules=targets,
                 lora_dropout=0.0,
-                modules_to_save=["classifier"],
+                modules_to_save=save,
             ),
         )
     model.train()
     return model
 
 
+def _memory(device) -> int:  # type: ignore[no-untyped-def]
+    """Bytes in use now (CUDA: allocated) or at the peak so far (CPU: the resident set's)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _worker(args: argparse.Namespace) -> dict[str, float]:
     import torch
 
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     method, m = args.method, args.m
     lora = method.endswith("+lora")
     base = method.removesuffix("+lora")
-    model = _build(args, lora)
+    model = _build(args, lora).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(1000, 30000, (args.batch, args.tokens), generator=gen)
-    labels = torch.randint(0, 5, (args.batch,), generator=gen)
+    ids = torch.randint(1000, 30000, (args.batch, args.tokens), generator=gen).to(device)
+    labels = torch.randint(0, 5, (args.batch,), generator=gen).to(device)
+
+    def losses_of() -> torch.Tensor:
+        from torchgrain import losses as per_sample
+
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast):
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            if args.model == "smollm2":
+                return per_sample.causal_lm(logits, ids)  # (B,)
+            return per_sample.cross_entropy(logits, labels)  # (B,)
 
     step = None
     if base.startswith("grain-"):
@@ -103,29 +141,43 @@ def _worker(args: argparse.Namespace) -> dict[str, float]:
                 losses.backward(weighting(gramian))
         else:
             engine = Engine(model, batch_dim=None)
-            group = torch.arange(args.batch) * m // args.batch
+            group = (torch.arange(args.batch) * m // args.batch).to(device)
 
             def step(losses):  # type: ignore[no-untyped-def]
-                group_losses = torch.zeros(m).index_add(0, group, losses) / (args.batch / m)
+                group_losses = torch.zeros(m, device=device).index_add(0, group, losses.float())
+                group_losses = group_losses / (args.batch / m)
                 gramian = engine.compute_gramian(group_losses)
                 group_losses.backward(weighting(gramian))
 
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        before = _memory(device)
     times = []
     for i in range(args.steps + 1):
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-        losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none")  # (B,)
+        losses = losses_of()
         if step is None:
-            losses.mean().backward()
+            losses.float().mean().backward()
         else:
             step(losses)
         opt.step()
+        sync()
         if i > 0:  # the first step is a warm-up (allocations, optimizer state)
             times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"seconds": statistics.median(times), "peak_kb": peak, "growth_kb": peak - rss_before}
+    peak = _memory(device)
+    return {
+        "seconds": statistics.median(times),
+        "peak_kb": peak / 1024,
+        "growth_kb": (peak - before) / 1024,
+    }
 
 
 CONFIGS = [
@@ -160,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         default="min_norm",
         choices=["min_norm", "dual_proj", "upgrad", "cagrad"],
         help="GRAIN's aggregator, and TorchJD's matching weighting (default min_norm: MGDA)",
+    )
+    parser.add_argument("--model", default="minilm", choices=MODELS, help="the model's shape")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--autocast", action="store_true", help="the forward under bfloat16 autocast"
     )
     parser.add_argument("--csv", default="benchmarks/step.csv", help="where to write the table")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -206,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
                 str(args.threads),
                 "--aggregator",
                 args.aggregator,
+                "--model",
+                args.model,
+                "--device",
+                args.device,
+                *(["--autocast"] if args.autocast else []),
             ]
             done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
             if done.returncode != 0:
@@ -235,8 +297,9 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     print(
-        f"\nB={args.batch}, T={args.tokens}, {args.threads} threads, median of {args.steps} "
-        f"steps, aggregator {args.aggregator}\n"
+        f"\n{args.model}, B={args.batch}, T={args.tokens}, {args.device}"
+        f"{' (bf16 autocast)' if args.autocast else ''}, {args.threads} threads, median of "
+        f"{args.steps} steps, aggregator {args.aggregator}\n"
     )
     print(
         "| method | m | step time | time vs plain | step memory vs plain |\n|---|---|---|---|---|"
