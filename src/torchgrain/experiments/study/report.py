@@ -252,7 +252,7 @@ def stability_table(study: dict[str, Any]) -> str:
 
 
 def finalists_markdown(result: dict[str, Any]) -> str:
-    """The generation finalists: every cell against its optimizer's plain mean."""
+    """The generation finalists: what ran, then :func:`finalists_table`."""
     size = result["size"]
     lines = [
         f"# torchgrain study, generation finalists, preset `{result['preset']}`"
@@ -268,6 +268,13 @@ def finalists_markdown(result: dict[str, Any]) -> str:
         "(Holm-adjusted paired permutation p). `*`: adjusted p < 0.05. `†`: the chosen rate is at "
         "the edge of the grid.",
         "",
+    ]
+    return "\n".join(lines) + finalists_table(result)
+
+
+def finalists_table(result: dict[str, Any]) -> str:
+    """One Markdown row per finalist cell (the README's table)."""
+    lines = [
         "| optimizer | method | averaging | lr | validation ppl by lr | test ppl mean ± std "
         "| Δmean (p) | std ratio [95% CI] (p) | steps ≠ mean |",
         "|---|---|---|---|---|---|---|---|---|",

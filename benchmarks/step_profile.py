@@ -1,0 +1,135 @@
+"""Where a step's time goes: torch.profiler over a few steps of plain training and of GRAIN.
+
+    python benchmarks/step_profile.py --model bert-small --batch 16 --tokens 64 --groups 8
+
+For each configuration (plain, GRAIN keep, GRAIN book-keeping) it times the steps, then profiles
+them and sums the self CPU time of the operators by kind: the GEMMs (``mm``, ``addmm``, ``bmm``,
+...), copies and gathers, element-wise work, reductions, and the rest; then the operators that
+GRAIN adds most time to, against plain. The models are those of ``benchmarks/step.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+KINDS = {
+    "GEMM": ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "_scaled_dot_product", "einsum"),
+    "copy/gather": ("copy_", "index_select", "index_add", "cat", "clone", "contiguous", "to",
+                    "_to_copy", "gather", "scatter", "expand", "index", "stack", "repeat"),
+    "element-wise": ("mul", "add", "sub", "div", "gelu", "tanh", "softmax", "exp", "where",
+                     "fill_", "zero_", "masked", "neg", "sqrt", "pow", "rsqrt", "silu"),
+    "reduction": ("sum", "mean", "norm", "max", "amax", "layer_norm", "native_layer_norm"),
+}  # fmt: skip
+
+
+def _kind(name: str) -> str:
+    op = name.removeprefix("aten::").removesuffix("_backward")
+    for kind, ops in KINDS.items():
+        if any(op == o or op.startswith(o + "_") or op.endswith(o) for o in ops):
+            return kind
+    return "other"
+
+
+def _step_module():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("step", Path(__file__).with_name("step.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(args: argparse.Namespace, mode: str) -> tuple[float, dict[str, float], dict[str, float]]:
+    from torchgrain import GRAIN
+    from torchgrain import losses as per_sample
+
+    model = _step_module()._build(args, lora=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1000, 30000, (args.batch, args.tokens), generator=gen)
+    labels = torch.randint(0, 5, (args.batch,), generator=gen)
+    grain = None
+    if mode != "plain":
+        budget = 0 if mode == "bookkeeping" else float("inf")
+        grain = GRAIN(model, num_groups=args.groups, memory_budget=budget)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        if args.model == "smollm2":
+            losses = per_sample.causal_lm(logits, ids)
+        else:
+            losses = per_sample.cross_entropy(logits, labels)
+        if grain is None:
+            losses.mean().backward()
+        else:
+            grain.backward(losses)
+        opt.step()
+
+    step()  # warm-up
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.steps):
+            step()
+    by_kind: dict[str, float] = defaultdict(float)
+    by_op: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        seconds = event.self_cpu_time_total / 1e6 / args.steps
+        by_kind[_kind(event.key)] += seconds
+        by_op[event.key] += seconds
+    return statistics.median(times), dict(by_kind), dict(by_op)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default="bert-small", choices=["minilm", "bert-small", "smollm2"]
+    )
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--groups", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--top", type=int, default=12, help="operators listed")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = {mode: _run(args, mode) for mode in ("plain", "keep", "bookkeeping")}
+    plain_time, _, plain_op = results["plain"]
+    print(
+        f"{args.model}, B={args.batch}, T={args.tokens}, m={args.groups}, {args.threads} threads, "
+        f"median of {args.steps} steps\n"
+    )
+    print("| | step | vs plain | " + " | ".join([*KINDS, "other"]) + " |")
+    print("|---|---|---|" + "---|" * (len(KINDS) + 1))
+    for mode, (seconds, kinds, _) in results.items():
+        cells = [f"{kinds.get(k, 0.0) * 1e3:.0f} ms" for k in [*KINDS, "other"]]
+        print(f"| {mode} | {seconds * 1e3:.0f} ms | {seconds / plain_time:.2f}x | "
+              + " | ".join(cells) + " |")  # fmt: skip
+    print("\n(profiled self CPU time per step, by kind of operator)")
+    for mode in ("keep", "bookkeeping"):
+        _, _, ops = results[mode]
+        extra = sorted(((ops[k] - plain_op.get(k, 0.0), k) for k in ops), reverse=True)
+        print(f"\n{mode}: the operators with the most time over plain (ms per step)")
+        for delta, name in extra[: args.top]:
+            print(f"  {name:40s} {delta * 1e3:+7.1f}   ({ops[name] * 1e3:.1f} vs "
+                  f"{plain_op.get(name, 0.0) * 1e3:.1f})")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
