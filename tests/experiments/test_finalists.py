@@ -74,6 +74,30 @@ def test_cells_grids_and_seeds() -> None:
         assert len(finalists.lr_grid(default, opt)) >= 3
         assert len(finalists.lr_grid(finalists.PRESETS["smoke"], opt)) >= 2
     assert finalists.lr_grid(default, "sgdm") == (0.003, 0.01, 0.03)
+    assert finalists.lr_grid(finalists.PRESETS["tiny"], "adamw") == (3e-5, 1e-4)
+
+
+def test_a_grid_grows_past_the_end_that_wins() -> None:
+    preset = finalists.PRESETS["default"]
+    cell = finalists.FinalistCell("adamw", "mean", "none")
+    seeds = finalists.selection_seeds(preset)
+
+    def scored(ppl: dict[float, float | None]) -> dict[str, dict]:
+        return {
+            f"{cell.key}|lr={lr:g}|seed={s}": {"val": v} for lr, v in ppl.items() for s in seeds
+        }
+
+    start = (3e-5, 1e-4, 3e-4)
+    assert finalists.cell_grid(preset, cell, {}) == start  # nothing run yet
+    inside = scored({3e-5: 90.0, 1e-4: 70.0, 3e-4: 80.0})
+    assert finalists.cell_grid(preset, cell, inside) == start  # the best is inside: done
+    upper = scored({3e-5: 90.0, 1e-4: 80.0, 3e-4: 70.0})
+    assert finalists.cell_grid(preset, cell, upper) == (*start, 1e-3)  # 1e-3 to run next
+    upper |= scored({1e-3: 75.0})
+    assert finalists.cell_grid(preset, cell, upper) == (*start, 1e-3)  # 3e-4 won: done
+    lower = scored({1e-5: None, 3e-5: 60.0, 1e-4: 70.0, 3e-4: 80.0})  # 1e-5 diverged
+    assert finalists.cell_grid(preset, cell, lower) == (1e-5, *start)
+    assert choose_lr(cell.key, (1e-5, *start), seeds, lower, higher_is_better=False) == 3e-5
     for preset in finalists.PRESETS.values():
         assert preset.seeds < SELECTION_SEED0
 
@@ -119,7 +143,8 @@ def test_finalists_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     cells = {c["key"]: c for c in result["cells"]}
     assert len(cells) == len(finalists.finalist_cells())
     for c in cells.values():
-        grid = finalists.lr_grid(preset, c["optimizer"])
+        grid = c["lr_grid"]
+        assert set(finalists.lr_grid(preset, c["optimizer"])) <= set(grid)
         scores = {lr: c["val_by_lr"][f"{lr:g}"] for lr in grid}
         assert c["lr"] == min(grid, key=lambda lr: (scores[lr] or math.inf, lr))
         assert [r["seed"] for r in c["runs"]] == list(range(preset.seeds))

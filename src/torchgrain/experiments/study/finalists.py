@@ -54,14 +54,16 @@ TRAINED = (
     ("adamw", "upgrad-m8"),
 )
 AVERAGES = ("none", "ema")
-# Constant rates; the middle ``lr_points`` are used (the larger side on a tie). SGD with momentum,
-# unclipped, is narrow on this task: a probe of the mean on selection seed 10000 gave validation
-# perplexity 83 at 0.003, 78 at 0.01 and 3e4 (diverged) at 0.03. AdamW's grid brackets the
-# reproduction's 1e-4.
+# Constant rates, in order. Each cell starts from ``lr_points`` of them around ``CENTRE`` and,
+# while its best rate is at an end of what it tried and a further rate exists, tries that one too
+# (so that no cell's rate is cut off by the grid). SGD with momentum, unclipped, is narrow on this
+# task: a probe of the mean on selection seed 10000 gave validation perplexity 83 at 0.003, 78 at
+# 0.01 and 3e4 (diverged) at 0.03. AdamW's centre is the reproduction's 1e-4.
 LR_GRIDS = {
-    "sgdm": (0.001, 0.003, 0.01, 0.03),
-    "adamw": (1e-5, 3e-5, 1e-4, 3e-4),
+    "sgdm": (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1),
+    "adamw": (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3),
 }
+CENTRE = {"sgdm": 0.01, "adamw": 1e-4}
 
 
 @dataclass(frozen=True)
@@ -103,10 +105,34 @@ def finalist_cells() -> list[FinalistCell]:
 
 
 def lr_grid(preset: FinalistPreset, optimizer: str) -> tuple[float, ...]:
-    """The middle ``lr_points`` rates of the optimizer's grid (the larger side on a tie)."""
+    """The rates every cell of ``optimizer`` starts from: ``lr_points`` of the grid, the centre
+    and its neighbours (one more below than above when even)."""
     grid = LR_GRIDS[optimizer]
-    start = (len(grid) - preset.lr_points + 1) // 2
+    start = grid.index(CENTRE[optimizer]) - preset.lr_points // 2
     return grid[start : start + preset.lr_points]
+
+
+def cell_grid(
+    preset: FinalistPreset, cell: FinalistCell, runs: dict[str, dict[str, Any]]
+) -> tuple[float, ...]:
+    """The rates ``cell`` tries: :func:`lr_grid`, extended one rate at a time past whichever end
+    holds the best validation score, while the optimizer's grid goes on. Returns as soon as a
+    rate's selection runs are missing (those are the next to run)."""
+    full = LR_GRIDS[cell.optimizer]
+    start = lr_grid(preset, cell.optimizer)
+    lo, hi = full.index(start[0]), full.index(start[-1]) + 1
+    chosen = selection_seeds(preset)
+    while True:
+        grid = full[lo:hi]
+        if any(run_key(cell.key, lr, s) not in runs for lr in grid for s in chosen):
+            return grid
+        best = choose_lr(cell.key, grid, chosen, runs, higher_is_better=False)
+        if best == grid[0] and lo > 0:
+            lo -= 1
+        elif best == grid[-1] and hi < len(full):
+            hi += 1
+        else:
+            return grid
 
 
 def selection_seeds(preset: FinalistPreset) -> list[int]:
@@ -158,7 +184,8 @@ def run_finalists(
 
 
 def _planned(preset: FinalistPreset) -> int:
-    """Trainings at least (more when raw and EMA choose different rates)."""
+    """Trainings at least (more when a grid is extended, or raw and EMA choose different
+    rates)."""
     return sum(
         len(lr_grid(preset, opt)) * preset.selection_seeds + preset.seeds for opt, _ in TRAINED
     )
@@ -173,16 +200,17 @@ def _done_trainings(runs: dict[str, dict[str, Any]]) -> Iterator[str]:
 def _pending(
     preset: FinalistPreset, optimizer: str, method: str, runs: dict[str, dict[str, Any]]
 ) -> Iterator[tuple[float, int]]:
-    """(rate, seed) trainings still to run for ``optimizer``/``method``: selection first, then
-    the reported seeds at each averaging's chosen rate."""
+    """(rate, seed) trainings still to run for ``optimizer``/``method``: selection first (each
+    averaging's grid, extended as :func:`cell_grid` says), then the reported seeds at each
+    averaging's chosen rate."""
     cells = [FinalistCell(optimizer, method, avg) for avg in AVERAGES]
-    grid = lr_grid(preset, optimizer)
     chosen = selection_seeds(preset)
-    for lr in grid:
+    grids = [cell_grid(preset, cell, runs) for cell in cells]
+    for lr in sorted({lr for grid in grids for lr in grid}):
         for seed in chosen:
             if any(run_key(c.key, lr, seed) not in runs for c in cells):
                 yield lr, seed
-    for cell in cells:
+    for cell, grid in zip(cells, grids, strict=True):
         lr = choose_lr(cell.key, grid, chosen, runs, higher_is_better=False)
         for seed in range(preset.seeds):
             if run_key(cell.key, lr, seed) not in runs:
@@ -253,7 +281,7 @@ def analyse_finalists(preset_name: str, runs: dict[str, dict[str, Any]]) -> dict
 def _cell_record(
     preset: FinalistPreset, cell: FinalistCell, runs: dict[str, dict[str, Any]]
 ) -> dict[str, Any] | None:
-    grid = lr_grid(preset, cell.optimizer)
+    grid = cell_grid(preset, cell, runs)
     chosen = selection_seeds(preset)
     if any(run_key(cell.key, lr, s) not in runs for lr in grid for s in chosen):
         return None
@@ -287,7 +315,8 @@ def _cell_record(
         "average": cell.average,
         "lr": lr,
         "lr_grid": list(grid),
-        "lr_at_edge": lr in (grid[0], grid[-1]),
+        # at an end of the optimizer's whole grid (cell_grid extends past any other end)
+        "lr_at_edge": lr in (LR_GRIDS[cell.optimizer][0], LR_GRIDS[cell.optimizer][-1]),
         "val_by_lr": {f"{g:g}": score(g) for g in grid},
         "val_metric": score(lr),
         "selection_seeds": chosen,
