@@ -155,6 +155,17 @@ def test_finalists_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         base = cells[c["baseline"]]
         deltas = [a["test"] - b["test"] for a, b in zip(c["runs"], base["runs"], strict=True)]
         assert c["delta_mean"] == pytest.approx(sum(deltas) / len(deltas))
+        if c["method"] == "mean":
+            continue
+        # the control: the mean with the same averaging, trained at this cell's rate
+        same = c["same_rate"]
+        mean = finalists.FinalistCell(c["optimizer"], "mean", c["average"]).key
+        assert same["baseline"] == mean and same["lr"] == c["lr"] and "p_spread_holm" in same
+        control = [runs[f"{mean}|lr={c['lr']:g}|seed={s}"]["test"] for s in range(preset.seeds)]
+        mine = [r["test"] for r in c["runs"]]
+        assert same["delta_mean"] == pytest.approx(
+            sum(a - b for a, b in zip(mine, control, strict=True)) / preset.seeds
+        )
     # raw and EMA of one training share it: same time and loss, different weights scored
     raw = runs[next(k for k in runs if "/sgdm/mean/none|" in k)]
     ema = runs[raw["key"].replace("/none|", "/ema|")]

@@ -62,13 +62,20 @@ STUDY = ROOT / "docs" / "results" / "study" / "default"
 def test_readme_study_tables_are_the_committed_study() -> None:
     import json
 
-    from torchgrain.experiments.study.report import compact_table, stability_table
+    from torchgrain.experiments.study.report import (
+        compact_table,
+        finalists_table,
+        stability_table,
+    )
 
     study = json.loads((STUDY / "study.json").read_text())
     assert study["preset"] == "default" and study["complete"]
     section = _section("Where GRAIN helps: the study")
     assert compact_table(study) in section
     assert stability_table(study) in section
+    finalists = json.loads((STUDY / "finalists.json").read_text())
+    assert finalists["preset"] == "default" and finalists["complete"]
+    assert finalists_table(finalists) in section
     for png in ("study_mean.png", "study_spread.png", "study_stability.png"):
         assert f"docs/results/study/default/{png}" in section
         assert (STUDY / png).read_bytes()[:4] == b"\x89PNG"

@@ -24,6 +24,7 @@ Runs are appended to ``DIR/finalists-runs.jsonl`` as they finish, so an interrup
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ TRAINED = (
     ("adamw", "mean"),
     ("adamw", "upgrad-m8"),
 )
+OPTIMIZERS = tuple(dict.fromkeys(opt for opt, _ in TRAINED))
 AVERAGES = ("none", "ema")
 # Constant rates, in order. Each cell starts from ``lr_points`` of them around ``CENTRE`` and,
 # while its best rate is at an end of what it tried and a further rate exists, tries that one too
@@ -161,12 +163,16 @@ def run_finalists(
     new = 0
     shown = bar(range(_planned(preset)), progress, f"finalists {preset_name}")
     shown.update(min(sum(1 for _ in _done_trainings(runs)), _planned(preset)))
+    jobs = [
+        (opt, method, functools.partial(_pending, preset, opt, method)) for opt, method in TRAINED
+    ]
+    jobs += [(opt, "mean", functools.partial(_controls, preset, opt)) for opt in OPTIMIZERS]
     try:
         with (out / "finalists-runs.jsonl").open("a") as sink:
-            for optimizer, method in TRAINED:
+            for optimizer, method, pending in jobs:
                 # The selection runs exist before a cell's reported rate can be known: pending
                 # is recomputed after each run.
-                while (todo := next(_pending(preset, optimizer, method, runs), None)) is not None:
+                while (todo := next(pending(runs), None)) is not None:
                     if max_runs is not None and new >= max_runs:
                         return runs
                     if task is None:
@@ -217,6 +223,36 @@ def _pending(
                 yield lr, seed
 
 
+def chosen_rate(
+    preset: FinalistPreset, cell: FinalistCell, runs: dict[str, dict[str, Any]]
+) -> float | None:
+    """The cell's rate, or None while its selection runs are missing."""
+    grid = cell_grid(preset, cell, runs)
+    chosen = selection_seeds(preset)
+    if any(run_key(cell.key, lr, s) not in runs for lr in grid for s in chosen):
+        return None
+    return choose_lr(cell.key, grid, chosen, runs, higher_is_better=False)
+
+
+def _controls(
+    preset: FinalistPreset, optimizer: str, runs: dict[str, dict[str, Any]]
+) -> Iterator[tuple[float, int]]:
+    """The mean's trainings at every rate an aggregator's cell of ``optimizer`` chose, on the
+    reported seeds: the mean with the same averaging at the same rate separates the effect of
+    the rule from the effect of its rate."""
+    for opt, method in TRAINED:
+        if opt != optimizer or method == "mean":
+            continue
+        for average in AVERAGES:
+            rate = chosen_rate(preset, FinalistCell(opt, method, average), runs)
+            if rate is None:
+                continue
+            mean = FinalistCell(opt, "mean", average).key
+            for seed in range(preset.seeds):
+                if run_key(mean, rate, seed) not in runs:
+                    yield rate, seed
+
+
 def _one(task: Task, optimizer: str, method: str, lr: float, seed: int) -> list[dict[str, Any]]:
     """One training, scored raw and with EMA: on the validation split for a selection seed,
     else on the test split; one record per averaging."""
@@ -261,10 +297,19 @@ def analyse_finalists(preset_name: str, runs: dict[str, dict[str, Any]]) -> dict
         base = finished.get(record["baseline"])
         if key != record["baseline"] and base is not None:
             record.update(compare(record, base))
-    compared = [r for r in finished.values() if "p_mean" in r]
-    for name in ("p_mean", "p_spread"):
-        for r, adjusted in zip(compared, holm([r[name] for r in compared]), strict=True):
-            r[name + "_holm"] = adjusted
+    for record in finished.values():
+        if record["method"] != "mean":
+            control = _same_rate(preset, record, runs)
+            if control is not None:
+                record["same_rate"] = control
+    families = (
+        [r for r in finished.values() if "p_mean" in r],
+        [r["same_rate"] for r in finished.values() if "same_rate" in r],
+    )
+    for compared in families:  # each family Holm-adjusted on its own
+        for name in ("p_mean", "p_spread"):
+            for r, adjusted in zip(compared, holm([r[name] for r in compared]), strict=True):
+                r[name + "_holm"] = adjusted
     size = size_of(preset.size, TASK)
     return {
         "version": VERSION,
@@ -283,9 +328,9 @@ def _cell_record(
 ) -> dict[str, Any] | None:
     grid = cell_grid(preset, cell, runs)
     chosen = selection_seeds(preset)
-    if any(run_key(cell.key, lr, s) not in runs for lr in grid for s in chosen):
+    lr = chosen_rate(preset, cell, runs)
+    if lr is None:
         return None
-    lr = choose_lr(cell.key, grid, chosen, runs, higher_is_better=False)
     reported = [runs.get(run_key(cell.key, lr, seed)) for seed in range(preset.seeds)]
     if any(r is None for r in reported):
         return None
@@ -332,6 +377,25 @@ def _cell_record(
             | {"diagnostics": r["diagnostics"]}
             for r in per_run
         ],
+    }
+
+
+def _same_rate(
+    preset: FinalistPreset, record: dict[str, Any], runs: dict[str, dict[str, Any]]
+) -> dict[str, Any] | None:
+    """``record`` against the mean with the same averaging at the same rate (its control runs),
+    or None while those are missing."""
+    mean = FinalistCell(record["optimizer"], "mean", record["average"]).key
+    control = [runs.get(run_key(mean, record["lr"], seed)) for seed in range(preset.seeds)]
+    if any(r is None for r in control):
+        return None
+    values = np.array([np.nan if r["test"] is None else r["test"] for r in control if r])
+    return {
+        "baseline": mean,
+        "lr": record["lr"],
+        "metric_mean": finite_or_none(float(np.nanmean(values))),
+        "metric_std": finite_or_none(float(np.nanstd(values, ddof=1))),
+        **compare(record, {"runs": control}),
     }
 
 
