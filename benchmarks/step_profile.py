@@ -6,6 +6,8 @@ For each configuration (plain, GRAIN keep, GRAIN book-keeping) it times the step
 them and sums the self CPU time of the operators by kind: the GEMMs (``mm``, ``addmm``, ``bmm``,
 ...), copies and gathers, element-wise work, reductions, and the rest; then the operators that
 GRAIN adds most time to, against plain. The models are those of ``benchmarks/step.py``.
+``--gemm`` also times, for each weight shape of the small encoder, the one weight-gradient ``mm``
+over all B x T tokens against the ``bmm`` of the m groups' GEMMs that the fused engine runs.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -93,6 +96,30 @@ def _run(args: argparse.Namespace, mode: str) -> tuple[float, dict[str, float], 
     return statistics.median(times), dict(by_kind), dict(by_op)
 
 
+def _ms(fn: Callable[[], torch.Tensor], repeat: int = 20) -> float:
+    """Mean milliseconds of ``fn`` after one warm-up call."""
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - start) / repeat * 1e3
+
+
+def _gemm(args: argparse.Namespace) -> None:
+    """The weight gradient as one ``mm`` against the m group GEMMs as one ``bmm``."""
+    n = args.batch * args.tokens // args.groups  # tokens per group
+    print(f"\nweight-gradient GEMM, {args.batch * args.tokens} tokens, m={args.groups} (ms)")
+    for d_in, d_out in ((256, 256), (256, 1024), (1024, 256)):
+        a = torch.randn(args.groups, n, d_in)
+        b = torch.randn(args.groups, n, d_out)
+        a_all, b_all = a.reshape(-1, d_in), b.reshape(-1, d_out)
+        timings = {
+            "mm": _ms(lambda a=a_all, b=b_all: b.T @ a),
+            "bmm": _ms(lambda a=a, b=b: torch.bmm(b.transpose(1, 2), a)),
+        }
+        print(f"  {d_in} -> {d_out}: mm {timings['mm']:.2f}, bmm {timings['bmm']:.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -106,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top", type=int, default=12, help="operators listed")
+    parser.add_argument("--gemm", action="store_true", help="also time mm against bmm")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = {mode: _run(args, mode) for mode in ("plain", "keep", "bookkeeping")}
@@ -128,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         for delta, name in extra[: args.top]:
             print(f"  {name:40s} {delta * 1e3:+7.1f}   ({ops[name] * 1e3:.1f} vs "
                   f"{plain_op.get(name, 0.0) * 1e3:.1f})")  # fmt: skip
+    if args.gemm:
+        _gemm(args)
     return 0
 
 
