@@ -76,7 +76,6 @@ def _cell_record(
     if any(r is None for r in reported):
         return None
     per_run = [r for r in reported if r is not None]
-    values = np.array([r["test"] if r["test"] is not None else np.nan for r in per_run])
     diag = [r["diagnostics"] for r in per_run if r["diagnostics"]]
     return {
         "key": cell.key,
@@ -103,9 +102,7 @@ def _cell_record(
         "val_metric": finite_or_none(val_score(cell.key, lr, selection, runs)),
         "selection_seeds": selection,
         "seeds": list(range(preset.seeds)),
-        "diverged": int(np.isnan(values).sum()),
-        "metric_mean": finite_or_none(float(np.nanmean(values))),
-        "metric_std": finite_or_none(float(np.nanstd(values, ddof=1))),
+        **test_summary(per_run),
         "conflict_share": mean_of([d["conflict"] for d in diag]),
         "differs_share": mean_of([d["differs"] for d in diag]),
         "d_over_mean": mean_of([d["d_over_mean"] for d in diag]),
@@ -115,6 +112,17 @@ def _cell_record(
             | {"diagnostics": r["diagnostics"]}
             for r in per_run
         ],
+    }
+
+
+def test_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The diverged count and the mean and std (ddof 1) of the test metric over ``runs`` (a
+    diverged run's metric is None and is left out)."""
+    values = np.array([np.nan if r["test"] is None else r["test"] for r in runs])
+    return {
+        "diverged": int(np.isnan(values).sum()),
+        "metric_mean": finite_or_none(float(np.nanmean(values))),
+        "metric_std": finite_or_none(float(np.nanstd(values, ddof=1))),
     }
 
 

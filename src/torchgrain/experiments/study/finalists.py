@@ -31,14 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from torchgrain.experiments._progress import bar
 from torchgrain.experiments.presets import size_of
 from torchgrain.experiments.runner import Method, Recipe, train
 from torchgrain.experiments.stats import finite_or_none, holm, mean_of
-from torchgrain.experiments.study.analysis import compare
+from torchgrain.experiments.study.analysis import compare, test_summary
 from torchgrain.experiments.study.design import SELECTION_SEED0
 from torchgrain.experiments.study.runner import choose_lr, read_jsonl, run_key, val_score
 from torchgrain.experiments.tasks import Task, load_task
@@ -335,7 +334,6 @@ def _cell_record(
     if any(r is None for r in reported):
         return None
     per_run = [r for r in reported if r is not None]
-    values = np.array([np.nan if r["test"] is None else r["test"] for r in per_run])
     diag = [r["diagnostics"] for r in per_run if r["diagnostics"]]
     method = Method.parse(cell.method)
 
@@ -366,9 +364,7 @@ def _cell_record(
         "val_metric": score(lr),
         "selection_seeds": chosen,
         "seeds": list(range(preset.seeds)),
-        "diverged": int(np.isnan(values).sum()),
-        "metric_mean": finite_or_none(float(np.nanmean(values))),
-        "metric_std": finite_or_none(float(np.nanstd(values, ddof=1))),
+        **test_summary(per_run),
         "differs_share": mean_of([d["differs_share"] for d in diag]),
         "mean_distance": mean_of([d["mean_distance"] for d in diag]),
         "seconds": mean_of([r["seconds"] for r in per_run]),
@@ -389,14 +385,9 @@ def _same_rate(
     control = [runs.get(run_key(mean, record["lr"], seed)) for seed in range(preset.seeds)]
     if any(r is None for r in control):
         return None
-    values = np.array([np.nan if r["test"] is None else r["test"] for r in control if r])
-    return {
-        "baseline": mean,
-        "lr": record["lr"],
-        "metric_mean": finite_or_none(float(np.nanmean(values))),
-        "metric_std": finite_or_none(float(np.nanstd(values, ddof=1))),
-        **compare(record, {"runs": control}),
-    }
+    summary = test_summary([r for r in control if r is not None])
+    del summary["diverged"]
+    return {"baseline": mean, "lr": record["lr"], **summary, **compare(record, {"runs": control})}
 
 
 def write_finalists(out: Path, result: dict[str, Any]) -> list[Path]:
