@@ -10,13 +10,16 @@ headlines, its last layers trained), with the study's protocol:
 - every (optimizer, method) trains once per rate and seed, and is scored both as trained and as
   an EMA of its weights (decay ``1 - 1 / (steps per epoch)``), so that "mean + EMA" is the mean's
   own runs averaged, paired seed by seed;
-- each cell (optimizer, method, averaging) chooses its constant rate from its optimizer's grid on
-  a validation split carved from the training pool (``Task.val``), over selection seeds 10000+,
-  then runs the reported seeds 0..n-1 on the test split;
+- each cell (optimizer, method, averaging) chooses its constant rate on a validation split
+  carved from the training pool (``Task.val``), over selection seeds 10000+, from a grid that
+  grows past whichever end wins (:func:`cell_grid`), then runs the reported seeds 0..n-1 on the
+  test split;
 - no warm-up, decay or clipping (as for the heads: the rate is each method's own, and clipping
   would hide the length of a shorter step);
 - every cell is compared with its optimizer's plain mean on the same seeds (paired tests, Holm
-  across the finalists' cells). Perplexity: lower is better.
+  across the finalists' cells), and each aggregator's cell also with the mean of the same
+  averaging trained at its rate (``same_rate``: the rule apart from its rate). Perplexity: lower
+  is better.
 
 Runs are appended to ``DIR/finalists-runs.jsonl`` as they finish, so an interrupted run resumes;
 ``DIR/finalists.json``, ``finalists.md`` and ``finalists.png`` are the results.
