@@ -142,6 +142,7 @@ def test_study_end_to_end_resumes_and_writes_everything(study_dir: Path, capsys)
     before = load_runs(study_dir)
     assert main(args) == 0  # merges the pieces; nothing left to run
     assert load_runs(study_dir).keys() == before.keys()
+    assert not list(study_dir.glob("*-0of1.jsonl"))  # and leaves no empty log behind
     study = json.loads((study_dir / "study.json").read_text())
     assert study["version"] == 1 and study["complete"]
     cells = study["cells"]

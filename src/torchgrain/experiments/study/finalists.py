@@ -42,7 +42,13 @@ from torchgrain.experiments.runner import Method, Recipe, train
 from torchgrain.experiments.stats import finite_or_none, holm, mean_of
 from torchgrain.experiments.study.analysis import compare, test_summary
 from torchgrain.experiments.study.design import SELECTION_SEED0
-from torchgrain.experiments.study.runner import choose_lr, read_jsonl, run_key, val_score
+from torchgrain.experiments.study.runner import (
+    JsonlAppender,
+    choose_lr,
+    read_jsonl,
+    run_key,
+    val_score,
+)
 from torchgrain.experiments.tasks import Task, load_task
 
 VERSION = 1
@@ -170,7 +176,7 @@ def run_finalists(
     ]
     jobs += [(opt, "mean", functools.partial(_controls, preset, opt)) for opt in OPTIMIZERS]
     try:
-        with (out / "finalists-runs.jsonl").open("a") as sink:
+        with JsonlAppender(out / "finalists-runs.jsonl") as sink:
             for optimizer, method, pending in jobs:
                 # The selection runs exist before a cell's reported rate can be known: pending
                 # is recomputed after each run.
@@ -182,8 +188,7 @@ def run_finalists(
                     lr, seed = todo
                     for record in _one(task, optimizer, method, lr, seed):
                         runs[record["key"]] = record
-                        sink.write(json.dumps(record) + "\n")
-                    sink.flush()
+                        sink.write(record)
                     new += 1
                     shown.update(1)
     finally:

@@ -43,6 +43,28 @@ def read_jsonl(out: Path, pattern: str) -> list[dict[str, Any]]:
     return records
 
 
+class JsonlAppender:
+    """Appends records to a JSON-lines file, one flushed line each. The file is created with the
+    first record, so a run with nothing left to do leaves no empty file behind."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: Any = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._file is None:
+            self._file = self.path.open("a")
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def __enter__(self) -> JsonlAppender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
 def run_key(cell: str, lr: float, seed: int) -> str:
     return f"{cell}|lr={lr:g}|seed={seed}"
 
@@ -100,15 +122,14 @@ def run_study(
     shown = bar(range(max(todo, 0)), progress, f"study {preset_name} {index}/{count}")
     new = 0
     try:
-        with log.open("a") as sink:
+        with JsonlAppender(log) as sink:
             for cell in mine:
                 for lr, seed in _pending(preset, cell, runs):
                     if max_runs is not None and new >= max_runs:
                         return runs
                     record = _one(cell, data, lr, seed)
                     runs[record["key"]] = record
-                    sink.write(json.dumps(record) + "\n")
-                    sink.flush()
+                    sink.write(record)
                     new += 1
                     shown.update(1)
     finally:
@@ -128,14 +149,13 @@ def _run_stability(
             if f"{'/'.join(c)}|pair={p}" not in done]  # fmt: skip
     shown = bar(todo, progress, f"stability {index}/{count}")
     try:
-        with (out / f"stability-{index}of{count}.jsonl").open("a") as sink:
+        with JsonlAppender(out / f"stability-{index}of{count}.jsonl") as sink:
             for (task, head, method), pair in todo:
                 setting = stability_setting(task, head, method, preset.epochs)
                 record = stability_pair(setting, data(setting), stability_lr(task), pair)
                 record.update({"key": f"{task}/{head}/{method}|pair={pair}", "task": task,
                                "head": head, "method": method})  # fmt: skip
-                sink.write(json.dumps(record) + "\n")
-                sink.flush()
+                sink.write(record)
                 shown.update(1)
     finally:
         shown.close()
