@@ -46,15 +46,8 @@ def analyse(preset_name: str, runs: dict[str, dict[str, Any]]) -> dict[str, Any]
         record = _cell_record(preset, cell, runs)
         if record is not None:
             finished[cell.key] = record
-    for key, record in finished.items():
-        base = finished.get(record["baseline"])
-        if key == record["baseline"] or base is None:
-            continue
-        record.update(compare(record, base))
-    compared = [r for r in finished.values() if "p_mean" in r]
-    for name in ("p_mean", "p_spread"):
-        for r, adjusted in zip(compared, holm([r[name] for r in compared]), strict=True):
-            r[name + "_holm"] = adjusted
+    compare_with_baselines(finished)
+    holm_adjust([r for r in finished.values() if "p_mean" in r])
     return {
         "version": VERSION,
         "preset": preset_name,
@@ -113,6 +106,23 @@ def _cell_record(
             for r in per_run
         ],
     }
+
+
+def compare_with_baselines(finished: dict[str, dict[str, Any]]) -> None:
+    """Add to every finished cell but a baseline its :func:`compare` with its baseline cell
+    (``record["baseline"]``, a key of ``finished``), when that baseline has finished too."""
+    for key, record in finished.items():
+        base = finished.get(record["baseline"])
+        if key != record["baseline"] and base is not None:
+            record.update(compare(record, base))
+
+
+def holm_adjust(family: list[dict[str, Any]]) -> None:
+    """Add ``p_mean_holm`` and ``p_spread_holm``: Holm's adjustment across ``family``, each
+    p-value on its own."""
+    for name in ("p_mean", "p_spread"):
+        for r, adjusted in zip(family, holm([r[name] for r in family]), strict=True):
+            r[name + "_holm"] = adjusted
 
 
 def test_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:

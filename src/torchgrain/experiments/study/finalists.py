@@ -39,8 +39,13 @@ import torch
 from torchgrain.experiments._progress import bar
 from torchgrain.experiments.presets import size_of
 from torchgrain.experiments.runner import Method, Recipe, train
-from torchgrain.experiments.stats import finite_or_none, holm, mean_of
-from torchgrain.experiments.study.analysis import compare, test_summary
+from torchgrain.experiments.stats import finite_or_none, mean_of
+from torchgrain.experiments.study.analysis import (
+    compare,
+    compare_with_baselines,
+    holm_adjust,
+    test_summary,
+)
 from torchgrain.experiments.study.design import SELECTION_SEED0
 from torchgrain.experiments.study.runner import (
     JsonlAppender,
@@ -300,23 +305,14 @@ def analyse_finalists(preset_name: str, runs: dict[str, dict[str, Any]]) -> dict
         record = _cell_record(preset, cell, runs)
         if record is not None:
             finished[cell.key] = record
-    for key, record in finished.items():
-        base = finished.get(record["baseline"])
-        if key != record["baseline"] and base is not None:
-            record.update(compare(record, base))
+    compare_with_baselines(finished)
     for record in finished.values():
         if record["method"] != "mean":
             control = _same_rate(preset, record, runs)
             if control is not None:
                 record["same_rate"] = control
-    families = (
-        [r for r in finished.values() if "p_mean" in r],
-        [r["same_rate"] for r in finished.values() if "same_rate" in r],
-    )
-    for compared in families:  # each family Holm-adjusted on its own
-        for name in ("p_mean", "p_spread"):
-            for r, adjusted in zip(compared, holm([r[name] for r in compared]), strict=True):
-                r[name + "_holm"] = adjusted
+    holm_adjust([r for r in finished.values() if "p_mean" in r])
+    holm_adjust([r["same_rate"] for r in finished.values() if "same_rate" in r])  # own family
     size = size_of(preset.size, TASK)
     return {
         "version": VERSION,
