@@ -6,6 +6,11 @@ For each configuration (plain, GRAIN keep, GRAIN book-keeping) it times the step
 them and sums the self CPU time of the operators by kind: the GEMMs (``mm``, ``addmm``, ``bmm``,
 ...), copies and gathers, element-wise work, reductions, and the rest; then the operators that
 GRAIN adds most time to, against plain. The models are those of ``benchmarks/step.py``.
+
+On a GPU (``--device cuda``, optionally ``--autocast``) it sums the kernels' device time by kind
+instead, and counts per step the kernel launches, the host syncs (``cudaStreamSynchronize``,
+``cudaDeviceSynchronize``, reads of a device value) and the time the device is busy: a step much
+longer than its busy time is bound by the host (Python, launches, syncs), not by the kernels.
 ``--gemm`` also times, for each weight shape of the small encoder, the one weight-gradient ``mm``
 over all B x T tokens against the ``bmm`` of the m groups' GEMMs that the fused engine runs.
 """
@@ -34,7 +39,20 @@ KINDS = {
 }  # fmt: skip
 
 
+KERNELS = {
+    "GEMM": ("gemm", "xmma", "cutlass", "cublas", "matmul", "flash", "attention", "fmha"),
+    "copy/gather": ("copy", "index", "gather", "scatter", "cat", "memcpy", "memset", "fill"),
+    "element-wise": ("elementwise", "vectorized", "pointwise"),
+    "reduction": ("reduce", "norm", "softmax"),
+}  # fmt: skip
+
+
 def _kind(name: str) -> str:
+    if not name.startswith("aten::"):  # a CUDA kernel
+        low = name.lower()
+        for kind, words in KERNELS.items():
+            if any(w in low for w in words):
+                return kind
     op = name.removeprefix("aten::").removesuffix("_backward")
     for kind, ops in KINDS.items():
         if any(op == o or op.startswith(o + "_") or op.endswith(o) for o in ops):
@@ -50,16 +68,21 @@ def _step_module():  # type: ignore[no-untyped-def]
     return module
 
 
-def _run(args: argparse.Namespace, mode: str) -> tuple[float, dict[str, float], dict[str, float]]:
+def _run(
+    args: argparse.Namespace, mode: str
+) -> tuple[float, dict[str, float], dict[str, float], dict[str, float]]:
+    """Median step seconds; seconds per step by kind and by operator; per-step counts."""
     from torchgrain import GRAIN
     from torchgrain import losses as per_sample
 
-    model = _step_module()._build(args, lora=False)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    model = _step_module()._build(args, lora=False).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(1000, 30000, (args.batch, args.tokens), generator=gen)
-    labels = torch.randint(0, 5, (args.batch,), generator=gen)
+    ids = torch.randint(1000, 30000, (args.batch, args.tokens), generator=gen).to(device)
+    labels = torch.randint(0, 5, (args.batch,), generator=gen).to(device)
     grain = None
     if mode != "plain":
         budget = 0 if mode == "bookkeeping" else float("inf")
@@ -67,16 +90,19 @@ def _run(args: argparse.Namespace, mode: str) -> tuple[float, dict[str, float], 
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-        if args.model == "smollm2":
-            losses = per_sample.causal_lm(logits, ids)
-        else:
-            losses = per_sample.cross_entropy(logits, labels)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast):
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            if args.model == "smollm2":
+                losses = per_sample.causal_lm(logits, ids)
+            else:
+                losses = per_sample.cross_entropy(logits, labels)
         if grain is None:
-            losses.mean().backward()
+            losses.float().mean().backward()
         else:
             grain.backward(losses)
         opt.step()
+        if cuda:
+            torch.cuda.synchronize(device)
 
     step()  # warm-up
     times = []
@@ -84,16 +110,27 @@ def _run(args: argparse.Namespace, mode: str) -> tuple[float, dict[str, float], 
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as prof:
         for _ in range(args.steps):
             step()
     by_kind: dict[str, float] = defaultdict(float)
     by_op: dict[str, float] = defaultdict(float)
+    counts: dict[str, float] = defaultdict(float)
     for event in prof.key_averages():
-        seconds = event.self_cpu_time_total / 1e6 / args.steps
+        if event.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"):
+            counts["launches"] += event.count / args.steps
+        if "Synchronize" in event.key or event.key == "aten::_local_scalar_dense":
+            counts["syncs"] += event.count / args.steps
+        micros = event.self_device_time_total if cuda else event.self_cpu_time_total
+        if cuda and event.key.startswith("aten::"):
+            continue  # the kernels carry the device time; aten ops would count it twice
+        seconds = micros / 1e6 / args.steps
         by_kind[_kind(event.key)] += seconds
         by_op[event.key] += seconds
-    return statistics.median(times), dict(by_kind), dict(by_op)
+        if cuda:
+            counts["busy"] += seconds
+    return statistics.median(times), dict(by_kind), dict(by_op), dict(counts)
 
 
 def _ms(fn: Callable[[], torch.Tensor], repeat: int = 20) -> float:
@@ -134,27 +171,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top", type=int, default=12, help="operators listed")
     parser.add_argument("--gemm", action="store_true", help="also time mm against bmm")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--autocast", action="store_true", help="the forward under bfloat16 autocast"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    cuda = torch.device(args.device).type == "cuda"
     results = {mode: _run(args, mode) for mode in ("plain", "keep", "bookkeeping")}
-    plain_time, _, plain_op = results["plain"]
+    plain_time, _, plain_op, _ = results["plain"]
     print(
-        f"{args.model}, B={args.batch}, T={args.tokens}, m={args.groups}, {args.threads} threads, "
+        f"{args.model}, B={args.batch}, T={args.tokens}, m={args.groups}, {args.device}"
+        f"{' (bf16 autocast)' if args.autocast else ''}, {args.threads} threads, "
         f"median of {args.steps} steps\n"
     )
-    print("| | step | vs plain | " + " | ".join([*KINDS, "other"]) + " |")
-    print("|---|---|---|" + "---|" * (len(KINDS) + 1))
-    for mode, (seconds, kinds, _) in results.items():
-        cells = [f"{kinds.get(k, 0.0) * 1e3:.0f} ms" for k in [*KINDS, "other"]]
-        print(f"| {mode} | {seconds * 1e3:.0f} ms | {seconds / plain_time:.2f}x | "
+    extra = ["busy", "launches", "syncs"] if cuda else []
+    print("| | step | vs plain | " + " | ".join([*KINDS, "other", *extra]) + " |")
+    print("|---|---|---|" + "---|" * (len(KINDS) + 1 + len(extra)))
+    for mode, (seconds, kinds, _, counts) in results.items():
+        cells = [f"{kinds.get(k, 0.0) * 1e3:.1f} ms" for k in [*KINDS, "other"]]
+        if cuda:
+            cells += [f"{counts.get('busy', 0.0) * 1e3:.1f} ms"]
+            cells += [f"{counts.get(k, 0.0):.0f}" for k in ("launches", "syncs")]
+        print(f"| {mode} | {seconds * 1e3:.1f} ms | {seconds / plain_time:.2f}x | "
               + " | ".join(cells) + " |")  # fmt: skip
-    print("\n(profiled self CPU time per step, by kind of operator)")
+    what = "kernel time on the device" if cuda else "self CPU time"
+    print(f"\n(profiled {what} per step, by kind of operator; counts per step)")
     for mode in ("keep", "bookkeeping"):
-        _, _, ops = results[mode]
+        _, _, ops, _ = results[mode]
         extra = sorted(((ops[k] - plain_op.get(k, 0.0), k) for k in ops), reverse=True)
         print(f"\n{mode}: the operators with the most time over plain (ms per step)")
         for delta, name in extra[: args.top]:
-            print(f"  {name:40s} {delta * 1e3:+7.1f}   ({ops[name] * 1e3:.1f} vs "
+            print(f"  {name[:60]:60s} {delta * 1e3:+7.1f}   ({ops[name] * 1e3:.1f} vs "
                   f"{plain_op.get(name, 0.0) * 1e3:.1f})")  # fmt: skip
     if args.gemm:
         _gemm(args)
