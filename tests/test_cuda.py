@@ -75,9 +75,21 @@ def test_the_device_gives_the_cpu_step(device: str, name: str, float64) -> None:
         pytest.importorskip("transformers")
     torch.manual_seed(0)
     model = CASES[name].build().double()
+    # The model's own gap between the devices bounds what GRAIN can be held to: Hugging Face's
+    # Llama computes its rotary angles in float32 whatever the model's dtype (CUDA against CPU:
+    # 6e-8 relative on an H100), so its float64 gradients differ by float32 rounding.
+    plain = [_plain_grads(copy.deepcopy(model).to(d), name, d) for d in ("cpu", device)]
+    model_gap = max(_rel(a.cpu(), b) for a, b in zip(plain[1], plain[0], strict=True))
     _, ref = _step(name, copy.deepcopy(model), "cpu", "fused", "upgrad")
     _, got = _step(name, model.to(device), device, "fused", "upgrad")
-    _assert_grads_close([g.cpu() for g in got], ref, tol=1e-10)
+    _assert_grads_close([g.cpu() for g in got], ref, tol=1e-10 + 1e3 * model_gap)
+
+
+def _plain_grads(model: nn.Module, name: str, device: str) -> list[Tensor]:
+    """The mean's gradient (no GRAIN) on the device."""
+    case = CASES[name]
+    case.losses(model, _to(case.batch(GROUPINGS[8][0]), device)).mean().backward()
+    return _grads(model)
 
 
 @pytest.mark.parametrize("aggregator", sorted(SOLVERS))
@@ -136,6 +148,9 @@ def test_ghost_gram_on_the_device(device: str, dtype: torch.dtype) -> None:
     A = torch.randn(7, 3, 40, generator=g, dtype=dtype).to(device)  # (B, T, in)
     Bk = torch.randn(7, 3, 50, generator=g, dtype=dtype).to(device)  # (B, T, out)
     ghost = ghost_weight_gram(A, Bk, groups)
+    if device != "cpu" and dtype != torch.float64:
+        assert ghost is None  # off the CPU only float64 takes the ghost path (no host check)
+        return
     assert ghost is not None and ghost.dtype == torch.float64 and ghost.device.type == device
     exact = gram_of(
         LinearRule().group_grads(nn.Linear(40, 50).to(device), A.double(), Bk.double(), groups)[

@@ -50,9 +50,11 @@ def ghost_weight_gram(A: Tensor, Bk: Tensor, groups: GroupIndex) -> Tensor | Non
     """``(m, m)`` float64 Gram of the weight's group gradients from the tokens, or ``None``
     when materialising the group gradients is cheaper (see the module docstring).
 
-    CPU only: its cancellation check reads the block on the host, and its float64 redo would be
-    slow on GPUs whose float64 rate is a small fraction of float32's (not measured yet)."""
-    if A.device.type != "cpu":
+    Off the CPU only for float64 tensors, with no check: for lower precisions the cancellation
+    check would read the block on the host (a sync per layer), and the float64 redo would be slow
+    on GPUs whose float64 rate is a small fraction of float32's. On a GPU the ghost path serves
+    few-token batches, where its saving is small anyway."""
+    if A.device.type != "cpu" and (A.dtype != torch.float64 or Bk.dtype != torch.float64):
         return None
     d_in, d_out = A.shape[-1], Bk.shape[-1]
     a, b = A.reshape(-1, d_in), Bk.reshape(-1, d_out)  # (N, in), (N, out)
