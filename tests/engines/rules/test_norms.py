@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from torchgrain.engines._groups import GroupIndex
-from torchgrain.engines.rules import find_rule
-from torchgrain.engines.rules._rerun import _derivatives, rerun_grads
+from torchgrain.engines.rules import _rerun, find_rule
+from torchgrain.engines.rules._rerun import closed_form_pays, per_sample_closed_form, rerun_grads
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -67,8 +67,9 @@ def test_the_closed_form_equals_the_per_group_rerun(name: str) -> None:
     norm = NORMS[name](5)
     A = torch.randn(7, 3, 5) * 3 + 1
     Bk = torch.randn(7, 3, 5)
-    groups = _groups([2, 0, 1, 1, 0, 2, 2])
-    assert _derivatives(norm, A, Bk) is not None  # the closed form serves this layer
+    groups = _groups([2, 0, 1, 1, 0, 3, 2])
+    assert closed_form_pays(A, groups.m)  # few elements: the closed form is chosen
+    assert per_sample_closed_form(norm, A, Bk) is not None  # and serves this layer
     rule = find_rule(norm)
     got = rule.group_grads(norm, A, Bk, groups)
     for k in range(groups.m):
@@ -86,7 +87,7 @@ def test_channel_first_norms_use_the_per_group_rerun() -> None:
     norm = nn.GroupNorm(2, 4)
     A, Bk = torch.randn(5, 4, 3, 3), torch.randn(5, 4, 3, 3)
     groups = _groups([0, 1, 0, 1, 1])
-    assert _derivatives(norm, A, Bk) is None
+    assert per_sample_closed_form(norm, A, Bk) is None
     got = find_rule(norm).group_grads(norm, A, Bk, groups)
     for k in range(groups.m):
         mask = groups.ids == k
@@ -97,6 +98,30 @@ def test_channel_first_norms_use_the_per_group_rerun() -> None:
 def test_the_closed_form_leaves_the_parameters_alone() -> None:
     norm = _layer_norm(4)
     before = {n: p.detach().clone() for n, p in norm.named_parameters()}
-    _derivatives(norm, torch.randn(2, 4), torch.randn(2, 4))
+    per_sample_closed_form(norm, torch.randn(2, 4), torch.randn(2, 4))
     for n, p in norm.named_parameters():
         assert torch.equal(p, before[n]) and p.grad is None
+
+
+def test_the_cost_model_reruns_per_group_on_large_cpu_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On the CPU the per-group re-run wins once the call is large (fewer passes over A); the
+    closed form wins on small calls and on accelerators (host-bound)."""
+    small, large = torch.empty(8, 4, 16), torch.empty(32, 128, 384)
+    assert closed_form_pays(small, 8) and not closed_form_pays(large, 8)
+    assert not closed_form_pays(small, 1)  # one group: one re-run is already the cheapest
+    norm, groups = _layer_norm(384), _groups([k % 8 for k in range(32)])
+    A, Bk = torch.randn(32, 128, 384), torch.randn(32, 128, 384)
+    calls = []
+    original = _rerun.per_sample_closed_form
+
+    def spy(*args):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(_rerun, "per_sample_closed_form", spy)
+    got = find_rule(norm).group_grads(norm, A, Bk, groups)
+    assert not calls  # the per-group re-run served it
+    ref = rerun_grads(norm, A[groups.ids == 3], Bk[groups.ids == 3])
+    torch.testing.assert_close(got["weight"][3], ref["weight"], rtol=1e-12, atol=1e-12)
