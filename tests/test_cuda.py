@@ -10,6 +10,7 @@ against the host solvers, bfloat16 autocast against float32, and the ghost Gram.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -175,3 +176,36 @@ def test_gpu_check_script_says_so_without_cuda() -> None:
     done = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert "no CUDA device" in done.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("name", ["mlp_layernorm", "hf_llama"])
+def test_the_fused_gram_reads_nothing_back_but_the_embedding_tokens(name: str) -> None:
+    """The one-backward pass and the rules queue kernels only: no device read (sync) inside
+    ``engine.gram`` beyond the documented one per embedding call (``torch.unique``)."""
+    if name.startswith("hf_"):
+        pytest.importorskip("transformers")
+    from torchgrain.engines import FusedEngine
+
+    torch.manual_seed(0)
+    case = CASES[name]
+    model = case.build().float().cuda()
+    engine = FusedEngine(model)
+    B, _ = GROUPINGS[8]
+    ids = torch.arange(B, device="cuda") * 8 // B
+    groups = GroupIndex.build(ids, torch.bincount(ids, minlength=8))
+    losses = case.losses(model, _to(case.batch(B), "cuda"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    embeddings = sum(isinstance(mod, nn.Embedding) for mod in model.modules())
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            gram = engine.gram(losses, groups, params)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in record if "synchronizing" in str(w.message)]
+    assert len(syncs) <= embeddings, [str(w.message) for w in syncs]
+    assert gram.shape == (8, 8) and bool(torch.isfinite(gram).all())
+    engine.close()

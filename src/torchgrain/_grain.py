@@ -247,25 +247,39 @@ class GRAIN:
         self._check_losses(losses)
         self._check_unchanged()
         ids, m = self._group_ids(losses, groups, keys)  # (B,), m
-        # Host sync: one read decides whether the step can go on (finite losses, ids in range).
-        finite, low, high = torch.stack(
-            [torch.isfinite(losses).all().long(), ids.min(), ids.max()]
-        ).tolist()
+        # Host sync: one read decides whether the step can go on (finite losses, ids in range)
+        # and brings the group sizes and whether the samples come sorted by group.
+        in_range = ids.clamp(0, m - 1)  # counted without a sync (bincount reads its max)
+        sizes = torch.zeros(m, dtype=torch.int64, device=ids.device)
+        sizes.index_add_(0, in_range, torch.ones_like(in_range))  # (m,)
+        head = torch.stack(
+            [
+                torch.isfinite(losses).all().long(),
+                ids.min(),
+                ids.max(),
+                (ids[1:] >= ids[:-1]).all().long(),
+            ]
+        )
+        finite, low, high, ordered, *counts = torch.cat([head, sizes]).tolist()
         if low < 0 or high >= m:
             raise ValueError(
                 f"group ids must lie in [0, {m}), got ids from {low} to {high}; "
                 f"use ids 0..{m - 1} or raise num_groups"
             )
-        sizes = torch.bincount(ids, minlength=m)  # (m,)
         if not finite:
             if self._acc is None and self._exchange is None:
                 return self._nonfinite(sizes, "losses contain NaN or Inf")
             # A collective step learns of it through the part (no backward of NaN losses).
             return self._collect(_Part([], sizes[sizes > 0], False, {}), m, sizes)
-        present = (sizes > 0).nonzero().squeeze(-1)  # (m',) ids of the non-empty groups
-        compact = torch.full((m,), -1, dtype=torch.int64, device=ids.device)
-        compact[present] = torch.arange(present.shape[0], device=ids.device)
-        groups_present = GroupIndex.build(compact[ids], sizes[present])
+        kept = [k for k, count in enumerate(counts) if count > 0]  # the non-empty groups
+        present = torch.tensor(kept, device=ids.device)  # (m',)
+        if len(kept) < m:  # renumber the non-empty groups 0..m'-1 (order kept: still sorted)
+            compact = torch.full((m,), -1, dtype=torch.int64, device=ids.device)
+            compact[present] = torch.arange(len(kept), device=ids.device)
+            ids = compact[ids]
+        groups_present = GroupIndex.known(
+            ids, sizes[present], tuple(counts[k] for k in kept), bool(ordered)
+        )
 
         engine = self._engine
         gram_present = engine.gram(losses, groups_present, self.params)  # (m', m')
@@ -288,7 +302,8 @@ class GRAIN:
             part = _Part(engine.group_grads() if ok else [], sizes[present], ok, fallback)
             if self._acc is None or not ok:
                 return self._collect(part, m, sizes)
-            local = self._solve(gram_host, sizes, present)  # this micro-batch's own diagnostics
+            # this micro-batch's own diagnostics
+            local = self._solve(gram_host, sizes, present, groups_present.counts)
             self._acc.parts.append(part)  # after the solve: if it raises, the block is unchanged
             return self._stats(
                 local.weights, gram_present, sizes, present, local, 0.0, engine.name, fallback
@@ -296,7 +311,7 @@ class GRAIN:
         if not ok:
             return self._nonfinite(sizes, "gradients contain NaN or Inf")
         started = time.perf_counter()
-        solution = self._solve(gram_host, sizes, present)
+        solution = self._solve(gram_host, sizes, present, groups_present.counts)
         seconds = time.perf_counter() - started
         update = engine.combine(solution.weights.to(ids.device))  # d per parameter
         self._write(update)
@@ -360,10 +375,16 @@ class GRAIN:
             solution.weights, gram_present, sizes, present, solution, seconds, engine, fallback
         )
 
-    def _solve(self, gram_host: Tensor, sizes: Tensor, present: Tensor) -> Solution:
+    def _solve(
+        self, gram_host: Tensor, sizes: Tensor, present: Tensor, counts: tuple[int, ...] = ()
+    ) -> Solution:
         """The solve stage on the host: the non-empty groups' ``(m', m')`` Gram -> weights, with
-        the sample mean's weights (sizes / B) as the preferred combination."""
-        pref = sizes[present].to("cpu", torch.float64) / sizes.sum().cpu()  # (m',)
+        the sample mean's weights (sizes / B) as the preferred combination. ``counts``: the
+        non-empty groups' sizes when already on the host (no device read)."""
+        if counts:
+            pref = torch.tensor(counts, dtype=torch.float64) / sum(counts)  # (m',)
+        else:
+            pref = sizes[present].to("cpu", torch.float64) / sizes.sum().cpu()
         return aggregate(self.aggregator, gram_host.to(torch.float64), pref)
 
     def _write(self, update: list[Tensor | None]) -> None:

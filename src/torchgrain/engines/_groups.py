@@ -35,6 +35,17 @@ class GroupIndex:
         *counts, contiguous = torch.cat([sizes, sorted_]).tolist()
         return cls(ids, sizes, order, tuple(counts), bool(contiguous))
 
+    @classmethod
+    def known(
+        cls, ids: Tensor, sizes: Tensor, counts: tuple[int, ...], contiguous: bool
+    ) -> GroupIndex:
+        """The index when the sizes and the order are already on the host (no device read)."""
+        if contiguous:
+            order = torch.arange(ids.shape[0], device=ids.device)
+        else:
+            order = torch.sort(ids, stable=True).indices
+        return cls(ids, sizes, order, counts, contiguous)
+
     @property
     def m(self) -> int:
         return len(self.counts)

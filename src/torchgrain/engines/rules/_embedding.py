@@ -35,6 +35,7 @@ class EmbeddingRule:
     ) -> dict[str, GroupGrad]:
         assert isinstance(module, nn.Embedding)
         tokens, grads, sample = _tokens_and_grads(module, A, Bk)
+        # Host sync: the number of distinct tokens U sizes the rows kept (one read per call).
         index, inverse = torch.unique(tokens, return_inverse=True)  # (U,), (N,)
         flat = groups.ids[sample] * index.shape[0] + inverse  # (N,) row of (m * U)
         values = grads.new_zeros(groups.m * index.shape[0], grads.shape[1]).index_add_(
