@@ -46,9 +46,11 @@ def _build(args: argparse.Namespace, lora: bool):  # type: ignore[no-untyped-def
     import transformers
 
     torch.manual_seed(0)
+    narrow = getattr(args, "narrow", False)  # same layers, tiny widths: the host's time alone
     if args.model == "smollm2":
         config = transformers.LlamaConfig(
-            vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+            vocab_size=1000 if narrow else 49152, hidden_size=72 if narrow else 576,
+            intermediate_size=96 if narrow else 1536, num_hidden_layers=30,
             num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
             tie_word_embeddings=True, attn_implementation="sdpa",
         )  # fmt: skip
@@ -56,10 +58,13 @@ def _build(args: argparse.Namespace, lora: bool):  # type: ignore[no-untyped-def
         targets, save = ["q_proj", "v_proj"], None
     else:
         small = args.model == "bert-small"
+        heads = 4 if small else 12
         config = transformers.BertConfig(
-            vocab_size=30522, hidden_size=256 if small else 384,
-            num_hidden_layers=4 if small else 6, num_attention_heads=4 if small else 12,
-            intermediate_size=1024 if small else 1536, num_labels=5, attn_implementation="sdpa",
+            vocab_size=1000 if narrow else 30522,
+            hidden_size=4 * heads if narrow else 256 if small else 384,
+            num_hidden_layers=4 if small else 6, num_attention_heads=heads,
+            intermediate_size=96 if narrow else 1024 if small else 1536, num_labels=5,
+            attn_implementation="sdpa",
         )  # fmt: skip
         model = transformers.BertForSequenceClassification(config)
         targets, save = ["query", "value"], ["classifier"]

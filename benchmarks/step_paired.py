@@ -1,0 +1,119 @@
+"""GRAIN's step time over a plain step, measured in pairs: the noise-resistant ratio.
+
+    python benchmarks/step_paired.py --model bert-small --batch 16 --tokens 64 --groups 8
+    python benchmarks/step_paired.py --model smollm2 --narrow --batch 8 --tokens 8   # host time
+
+``benchmarks/step.py`` times each configuration in its own process, minutes apart; on a shared
+2-core machine the plain step alone moved by 30% between runs, so its ratios carry that noise.
+Here one process builds the model once per method (plain, keep, book-keeping; the same weights)
+and times them in rounds, one step of each per round in a rotating order. Each round gives one
+ratio per method (its step over the same round's plain step); the table gives the median ratio
+and the middle half of the rounds' ratios [25%, 75%]. No memory figures: ``step.py`` has them.
+
+``--narrow`` keeps the model's layers and shrinks its widths (hidden 48-72, vocabulary 1,000):
+the kernels then cost next to nothing and the step is the host's time alone (Python, dispatch),
+the cost that bounds a GRAIN step on a GPU (``benchmarks/gpu_profile.sh``). On the CPU it
+reproduced the H100's host-bound step: a narrow SmolLM2 took 70 ms plain and 154 ms with GRAIN
+keeping its group gradients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+MODES = ("plain", "keep", "bookkeeping")
+
+
+def _step_module():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("step", Path(__file__).with_name("step.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default="bert-small", choices=["minilm", "bert-small", "smollm2"]
+    )
+    parser.add_argument("--narrow", action="store_true", help="tiny widths: host time alone")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--groups", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=12, help="timed rounds (one step each)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--modes", nargs="+", default=list(MODES[1:]), choices=MODES[1:])
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from torchgrain import GRAIN
+    from torchgrain import losses as per_sample
+
+    base = _step_module()._build(args, lora=False)
+    vocab = base.config.vocab_size
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (args.batch, args.tokens), generator=gen)
+    labels = torch.randint(0, 5, (args.batch,), generator=gen)
+
+    def make(mode: str):  # type: ignore[no-untyped-def]
+        model = copy.deepcopy(base)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        grain = None
+        if mode != "plain":
+            budget = 0 if mode == "bookkeeping" else float("inf")
+            grain = GRAIN(model, num_groups=args.groups, memory_budget=budget)
+
+        def step() -> float:
+            start = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            if args.model == "smollm2":
+                losses = per_sample.causal_lm(logits, ids)
+            else:
+                losses = per_sample.cross_entropy(logits, labels)
+            if grain is None:
+                losses.mean().backward()
+            else:
+                grain.backward(losses)
+            opt.step()
+            return time.perf_counter() - start
+
+        return step
+
+    modes = ["plain", *args.modes]
+    steps = {mode: make(mode) for mode in modes}
+    for step in steps.values():  # warm-up: allocations, optimizer state
+        step()
+        step()
+    seconds: dict[str, list[float]] = {mode: [] for mode in modes}
+    for r in range(args.rounds):
+        order = modes[r % len(modes) :] + modes[: r % len(modes)]
+        for mode in order:
+            seconds[mode].append(steps[mode]())
+    plain = seconds["plain"]
+    shape = f"{args.model}{' (narrow)' if args.narrow else ''}"
+    print(
+        f"{shape}, B={args.batch}, T={args.tokens}, m={args.groups}, {args.threads} threads, "
+        f"{args.rounds} rounds; plain step median {statistics.median(plain) * 1e3:.1f} ms\n"
+    )
+    print("| method | time vs plain (median) | middle half of the rounds |\n|---|---|---|")
+    for mode in args.modes:
+        ratios = sorted(t / p for t, p in zip(seconds[mode], plain, strict=True))
+        q1, _, q3 = statistics.quantiles(ratios, n=4)
+        print(f"| {mode} | {statistics.median(ratios):.2f}x | [{q1:.2f}, {q3:.2f}] |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
