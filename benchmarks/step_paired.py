@@ -21,23 +21,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from step_profile import _step_module  # the models of step.py (this folder is on sys.path)
+
 MODES = ("plain", "keep", "bookkeeping")
-
-
-def _step_module():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("step", Path(__file__).with_name("step.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main(argv: list[str] | None = None) -> int:

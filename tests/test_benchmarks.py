@@ -1,0 +1,59 @@
+"""The benchmark scripts run end to end on a tiny configuration and print their tables (their
+figures are not checked: performance is measured by running them, never asserted in tests)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(script: str, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--threads", "1", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_step_paired_prints_a_ratio_per_mode() -> None:
+    out = _run(
+        "step_paired.py", "--model", "bert-small", "--narrow", "--batch", "4", "--tokens", "4",
+        "--groups", "2", "--rounds", "4",
+    )  # fmt: skip
+    assert "bert-small (narrow), B=4, T=4, m=2" in out
+    for mode in ("keep", "bookkeeping"):
+        row = rf"\| {mode} \| \d+\.\d\dx \| \[\d+\.\d\d, \d+\.\d\d\] \|"
+        assert re.search(row, out), out
+
+
+def test_step_profile_prints_time_by_kind() -> None:
+    out = _run(
+        "step_profile.py", "--model", "bert-small", "--batch", "4", "--tokens", "4",
+        "--groups", "2", "--steps", "1", "--top", "3",
+    )  # fmt: skip
+    rows = [line for line in out.splitlines() if line.startswith(("| plain", "| keep", "| book"))]
+    assert len(rows) == 3 and "| GEMM |" in out
+
+
+def test_gpu_profile_script_says_so_without_cuda() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: the script would profile")
+    done = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_profile.sh")],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable},
+    )
+    assert done.returncode == 0 and "no CUDA device" in done.stdout, done.stderr
