@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Where a GRAIN step's time goes on a CUDA GPU (about 4 minutes on one H100): the step benchmark
-# (plain, keep, book-keeping) at the MiniLM size and at SmolLM2-135M's size, then
+# Where a GRAIN step's time goes on a CUDA GPU (at most about 7 minutes on one H100; the first
+# run, at tighter limits, lost two cells): the step benchmark (plain, keep, book-keeping) at the
+# MiniLM size and at SmolLM2-135M's size, then
 # benchmarks/step_profile.py on the device at both sizes: kernel time by kind, device busy time,
 # kernel launches and host syncs per step. Run after benchmarks/gpu_check.sh, on the same lease
 # when it has time left. Logs go to $OUT (the device tool's folder) or benchmarks/gpu.
@@ -22,9 +23,9 @@ run() {  # name, seconds, script, options...
   timeout "$limit" "$PY" "benchmarks/$script" --device cuda --threads 4 "$@" 2>&1 \
     | tee "$DEST/$name.txt" || status=1
 }
-run step_minilm 80 step.py --csv "$DEST/step_minilm.csv" --model minilm --batch 32 \
+run step_minilm 110 step.py --csv "$DEST/step_minilm.csv" --model minilm --batch 32 \
   --tokens 128 --groups 8 16 --steps 10 --only plain grain-fused-keep grain-fused-bookkeeping
-run step_smollm2 100 step.py --csv "$DEST/step_smollm2.csv" --model smollm2 --autocast \
+run step_smollm2 150 step.py --csv "$DEST/step_smollm2.csv" --model smollm2 --autocast \
   --batch 16 --tokens 256 --groups 8 --steps 5 \
   --only plain grain-fused-keep grain-fused-bookkeeping plain+lora grain-fused-keep+lora
 run profile_minilm 60 step_profile.py --model minilm --batch 32 --tokens 128 --groups 8 \
