@@ -97,9 +97,10 @@ def _wide(t: Tensor) -> Tensor:
 # The cost model, measured on a 2-core CPU (LayerNorm, 2 threads, m = 8): the per-group re-run
 # costs ~110 us of host time per group and ~1-2 ns per element of A; the closed form ~330 us and
 # ~8 ns per element, ~6 ns more (three element-wise forwards, a difference, a product:
-# memory-bound once A leaves the cache). They meet near 100k elements: 1.5 against 1.4 ms at (8, 32, 384); at
-# (32, 128, 384) the re-run takes 2.7 ms and the closed form 14. Off the CPU the step is bound by
-# the host (an H100 was busy a third of a GRAIN step), so the closed form pays there.
+# memory-bound once A leaves the cache). They meet near 100k elements: 1.5 against 1.4 ms at
+# (8, 32, 384); at (32, 128, 384) the re-run takes 2.7 ms and the closed form 14. Off the CPU
+# the step is bound by the host (an H100 was busy a third of a GRAIN step), so the closed form
+# pays there.
 RERUN_HOST_US, CLOSED_HOST_US, EXTRA_NS_PER_ELEMENT = 110.0, 330.0, 6.0
 
 
