@@ -40,15 +40,16 @@ KINDS = {
 
 
 KERNELS = {
-    "GEMM": ("gemm", "xmma", "cutlass", "cublas", "matmul", "flash", "attention", "fmha"),
+    "GEMM": ("gemm", "xmma", "nvjet", "cutlass", "cublas", "matmul", "flash", "attention", "fmha"),
     "copy/gather": ("copy", "index", "gather", "scatter", "cat", "memcpy", "memset", "fill"),
     "element-wise": ("elementwise", "vectorized", "pointwise"),
     "reduction": ("reduce", "norm", "softmax"),
 }  # fmt: skip
 
 
-def _kind(name: str) -> str:
-    if not name.startswith("aten::"):  # a CUDA kernel
+def _kind(name: str, kernel: bool = False) -> str:
+    """The kind of an aten operator, or of a CUDA kernel (``kernel``) by words in its name."""
+    if kernel:
         low = name.lower()
         for kind, words in KERNELS.items():
             if any(w in low for w in words):
@@ -126,7 +127,7 @@ def _run(
         if cuda and event.key.startswith("aten::"):
             continue  # the kernels carry the device time; aten ops would count it twice
         seconds = micros / 1e6 / args.steps
-        by_kind[_kind(event.key)] += seconds
+        by_kind[_kind(event.key, kernel=cuda)] += seconds
         by_op[event.key] += seconds
         if cuda:
             counts["busy"] += seconds
