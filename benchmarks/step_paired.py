@@ -10,7 +10,7 @@ and times them in rounds, one step of each per round in a rotating order. Each r
 ratio per method (its step over the same round's plain step); the table gives the median ratio
 and the middle half of the rounds' ratios [25%, 75%]. No memory figures: ``step.py`` has them.
 
-``--narrow`` keeps the model's layers and shrinks its widths (hidden 48-72, vocabulary 1,000):
+``--narrow`` keeps the model's layers and shrinks its widths (hidden 16-72, vocabulary 1,000):
 the kernels then cost next to nothing and the step is the host's time alone (Python, dispatch),
 the cost that bounds a GRAIN step on a GPU (``benchmarks/gpu_profile.sh``). On the CPU it
 reproduced the H100's host-bound step: a narrow SmolLM2 took 70 ms plain and 154 ms with GRAIN
