@@ -85,6 +85,39 @@ def _build(args: argparse.Namespace, lora: bool):  # type: ignore[no-untyped-def
     return model
 
 
+def _inputs(args: argparse.Namespace, device, low: int = 1000, high: int = 30000):  # type: ignore[no-untyped-def]
+    """``(B, T)`` token ids in ``[low, high)`` and ``(B,)`` labels in ``[0, 5)``, seeded."""
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(low, high, (args.batch, args.tokens), generator=gen).to(device)
+    labels = torch.randint(0, 5, (args.batch,), generator=gen).to(device)
+    return ids, labels
+
+
+def _losses(args: argparse.Namespace, model, ids, labels):  # type: ignore[no-untyped-def]
+    """``(B,)`` per-sample losses of the model (causal LM for ``smollm2``, classification
+    otherwise), the forward under bfloat16 autocast with ``--autocast``."""
+    import torch
+
+    from torchgrain import losses as per_sample
+
+    autocast = getattr(args, "autocast", False)
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        if args.model == "smollm2":
+            return per_sample.causal_lm(logits, ids)
+        return per_sample.cross_entropy(logits, labels)
+
+
+def _grain(model, mode: str, m: int, **kwargs):  # type: ignore[no-untyped-def]
+    """GRAIN keeping every group gradient (``keep``) or none (``bookkeeping``)."""
+    from torchgrain import GRAIN
+
+    budget = 0 if mode == "bookkeeping" else float("inf")
+    return GRAIN(model, num_groups=m, memory_budget=budget, **kwargs)
+
+
 def _memory(device) -> int:  # type: ignore[no-untyped-def]
     """Bytes in use now (CUDA: allocated) or at the peak so far (CPU: the resident set's)."""
     import torch
@@ -105,28 +138,15 @@ def _worker(args: argparse.Namespace) -> dict[str, float]:
     model = _build(args, lora).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(1000, 30000, (args.batch, args.tokens), generator=gen).to(device)
-    labels = torch.randint(0, 5, (args.batch,), generator=gen).to(device)
+    ids, labels = _inputs(args, device)
 
     def losses_of() -> torch.Tensor:
-        from torchgrain import losses as per_sample
-
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast):
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-            if args.model == "smollm2":
-                return per_sample.causal_lm(logits, ids)  # (B,)
-            return per_sample.cross_entropy(logits, labels)  # (B,)
+        return _losses(args, model, ids, labels)  # (B,)
 
     step = None
     if base.startswith("grain-"):
-        import torchgrain
-
         engine, _, mode = base.removeprefix("grain-").partition("-")
-        budget = 0 if mode == "bookkeeping" else float("inf")
-        grain = torchgrain.GRAIN(
-            model, num_groups=m, engine=engine, memory_budget=budget, aggregator=args.aggregator
-        )
+        grain = _grain(model, mode, m, engine=engine, aggregator=args.aggregator)
         step = lambda losses: grain.backward(losses)  # noqa: E731
     elif base.startswith("torchjd-"):
         from torchjd import aggregation

@@ -49,31 +49,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from torchgrain import GRAIN
-    from torchgrain import losses as per_sample
-
-    base = _step_module()._build(args, lora=False)
-    vocab = base.config.vocab_size
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, vocab, (args.batch, args.tokens), generator=gen)
-    labels = torch.randint(0, 5, (args.batch,), generator=gen)
+    shared = _step_module()
+    base = shared._build(args, lora=False)
+    ids, labels = shared._inputs(args, "cpu", low=0, high=base.config.vocab_size)
 
     def make(mode: str):  # type: ignore[no-untyped-def]
         model = copy.deepcopy(base)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        grain = None
-        if mode != "plain":
-            budget = 0 if mode == "bookkeeping" else float("inf")
-            grain = GRAIN(model, num_groups=args.groups, memory_budget=budget)
+        grain = None if mode == "plain" else shared._grain(model, mode, args.groups)
 
         def step() -> float:
             start = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-            if args.model == "smollm2":
-                losses = per_sample.causal_lm(logits, ids)
-            else:
-                losses = per_sample.cross_entropy(logits, labels)
+            losses = shared._losses(args, model, ids, labels)
             if grain is None:
                 losses.mean().backward()
             else:

@@ -73,30 +73,18 @@ def _run(
     args: argparse.Namespace, mode: str
 ) -> tuple[float, dict[str, float], dict[str, float], dict[str, float]]:
     """Median step seconds; seconds per step by kind and by operator; per-step counts."""
-    from torchgrain import GRAIN
-    from torchgrain import losses as per_sample
-
+    shared = _step_module()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    model = _step_module()._build(args, lora=False).to(device)
+    model = shared._build(args, lora=False).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(1000, 30000, (args.batch, args.tokens), generator=gen).to(device)
-    labels = torch.randint(0, 5, (args.batch,), generator=gen).to(device)
-    grain = None
-    if mode != "plain":
-        budget = 0 if mode == "bookkeeping" else float("inf")
-        grain = GRAIN(model, num_groups=args.groups, memory_budget=budget)
+    ids, labels = shared._inputs(args, device)
+    grain = None if mode == "plain" else shared._grain(model, mode, args.groups)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast):
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-            if args.model == "smollm2":
-                losses = per_sample.causal_lm(logits, ids)
-            else:
-                losses = per_sample.cross_entropy(logits, labels)
+        losses = shared._losses(args, model, ids, labels)
         if grain is None:
             losses.float().mean().backward()
         else:
