@@ -9,22 +9,9 @@
 # so and exits 0. Usage: bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-DEST=${OUT:-benchmarks/gpu}
-
-if ! "$PY" -c 'import torch' 2>/dev/null; then
-  echo "gpu_check: $PY cannot import torch; set PYTHON to an interpreter that can" >&2
-  exit 1
-fi
-if ! "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
-  echo "gpu_check: no CUDA device here (torch.cuda.is_available() is False): nothing to check"
-  exit 0
-fi
-mkdir -p "$DEST"
-# From the source tree when torchgrain is not installed (a bare machine with torch,
-# transformers, peft and pytest).
-"$PY" -c 'import torchgrain' 2>/dev/null || export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+SCRIPT=gpu_check TASK=check
+# shellcheck source=benchmarks/gpu_env.sh
+. benchmarks/gpu_env.sh
 
 "$PY" -c '
 import torch

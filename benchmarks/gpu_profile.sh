@@ -7,15 +7,9 @@
 # when it has time left. Logs go to $OUT (the device tool's folder) or benchmarks/gpu.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-DEST=${OUT:-benchmarks/gpu}
-if ! "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
-  echo "gpu_profile: no CUDA device here: nothing to profile"
-  exit 0
-fi
-mkdir -p "$DEST"
-"$PY" -c 'import torchgrain' 2>/dev/null || export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+SCRIPT=gpu_profile TASK=profile
+# shellcheck source=benchmarks/gpu_env.sh
+. benchmarks/gpu_env.sh
 status=0
 run() {  # name, seconds, script, options...
   local name=$1 limit=$2 script=$3
