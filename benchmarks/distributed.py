@@ -1,18 +1,30 @@
 """Data-parallel GRAIN against DDP's all-reduce of the mean gradient, on Gloo processes.
 
-Each of W processes (one thread each) trains the same MLP on its own batch of B samples; DDP
-all-reduces the mean gradient, GRAIN (``process_group=WORLD``) exchanges sharded group gradients
-(all-to-all), all-reduces the (M, M) Gram and all-gathers the combined shards. Bytes are the
-payload each rank sends, by the algorithm: ``2 P (W-1)/W`` for a ring all-reduce of P values, and
-``(m + 1) P (W-1)/W`` for GRAIN with m groups per rank (counted by GRAIN as it sends).
+    python benchmarks/distributed.py --model bert-small --world 2 --groups 1 4
+    python benchmarks/distributed.py --model mlp --world 2 3 4 --groups 1 2 4
 
-    python benchmarks/distributed.py [--world 2 3 4] [--groups 1 2 4] [--width 1024] [--steps 10]
+Each of W processes (one thread each) holds one copy of the model per method, with the same
+weights: DDP (the mean gradient, all-reduced in buckets during the backward) and GRAIN with m groups
+per rank (``process_group=WORLD``). It times forward + backward (the exchange included) in rounds,
+one step of each method per round in a rotating order, so that every method sees the same load;
+each round gives one ratio per method over the same round's DDP step. The table gives rank 0's
+median step time, the median ratio and the middle half of the rounds' ratios.
+
+Models: ``bert-small`` is the BERT-like encoder of ``benchmarks/step.py`` (4 layers, hidden 256,
+vocabulary 30,522, every parameter trained) on B x T tokens per rank (default 8 x 64); ``mlp`` is a
+4-layer MLP of width 1024 on B = 32 samples per rank.
+
+Bytes are the payload each rank sends, by the algorithm: ``2 P (W-1)/W`` for a ring all-reduce of
+P values; GRAIN counts its own as it sends (``(m + 1) P (W-1)/W`` with m groups per rank, less
+where an embedding's rows are untouched by every rank).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
+import json
 import os
 import socket
 import statistics
@@ -25,8 +37,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from step_profile import _step_module  # the models of step.py (this folder is on sys.path)
 
-def _model(width: int) -> torch.nn.Module:
+
+def _mlp(width: int) -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(
         torch.nn.Linear(64, width),
@@ -39,49 +53,72 @@ def _model(width: int) -> torch.nn.Module:
     )
 
 
-def _worker(
-    rank: int, world: int, port: int, method: str, m: int, args: argparse.Namespace, out: str
-) -> None:
+def _problem(args: argparse.Namespace, rank: int):  # type: ignore[no-untyped-def]
+    """The model (the same weights on every rank) and ``losses(model) -> (B,)`` on this rank's
+    own batch."""
+    if args.model == "mlp":
+        model = _mlp(args.width)
+        g = torch.Generator().manual_seed(rank)
+        x = torch.randn(args.batch, 64, generator=g)
+        y = torch.randint(0, 10, (args.batch,), generator=g)
+        return model, lambda net: torch.nn.functional.cross_entropy(net(x), y, reduction="none")
+    shared = _step_module()
+    model = shared._build(args, lora=False)
+    ids, labels = shared._inputs(args, "cpu", seed=1 + rank)
+    return model, lambda net: shared._losses(args, net, ids, labels)
+
+
+def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world,
-        timeout=datetime.timedelta(seconds=120),
+        timeout=datetime.timedelta(seconds=300),
     )
-    model = _model(args.width)
-    numel = sum(p.numel() for p in model.parameters())
-    g = torch.Generator().manual_seed(rank)
-    x, y = (
-        torch.randn(args.batch, 64, generator=g),
-        torch.randint(0, 10, (args.batch,), generator=g),
-    )
-    if method == "ddp":
-        net = torch.nn.parallel.DistributedDataParallel(model)
+    import torchgrain
 
-        def backward() -> int:
-            torch.nn.functional.cross_entropy(net(x), y).backward()
-            return 2 * numel * (world - 1) // world * 4
-    else:
-        import torchgrain
+    base, losses_of = _problem(args, rank)
+    numel = sum(p.numel() for p in base.parameters())
+    steps, sent = {}, {}
 
+    ddp = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(base))
+
+    def ddp_step() -> None:
+        losses_of(ddp).mean().backward()
+
+    steps["ddp"] = (ddp, ddp_step)
+    sent["ddp"] = lambda: 2 * numel * (world - 1) // world * 4
+    for m in args.groups:
+        model = copy.deepcopy(base)
         grain = torchgrain.GRAIN(model, num_groups=m, process_group=dist.group.WORLD)
 
-        def backward() -> int:
-            grain.backward(torch.nn.functional.cross_entropy(model(x), y, reduction="none"))
-            return grain._exchange.bytes_sent  # type: ignore[union-attr]
+        def grain_step(model=model, grain=grain) -> None:  # type: ignore[no-untyped-def]
+            grain.backward(losses_of(model))
 
-    times, sent = [], 0
-    for step in range(args.steps + 1):
+        steps[f"grain{m}"] = (model, grain_step)
+        sent[f"grain{m}"] = lambda grain=grain: grain._exchange.bytes_sent
+
+    def timed(name: str) -> float:
+        net, step = steps[name]
         dist.barrier()
         start = time.perf_counter()
-        model.zero_grad(set_to_none=True)
-        sent = backward()
-        if step:
-            times.append(time.perf_counter() - start)
+        net.zero_grad(set_to_none=True)
+        step()
+        return time.perf_counter() - start
+
+    names = list(steps)
+    for name in names:  # warm-up: allocations, DDP's bucket rebuild
+        timed(name)
+        timed(name)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(args.rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            seconds[name].append(timed(name))
     if rank == 0:
-        Path(out).write_text(f"{statistics.median(times)} {sent} {numel}")
+        result = {"numel": numel, "seconds": seconds, "sent": {n: sent[n]() for n in names}}
+        Path(out).write_text(json.dumps(result))
     dist.destroy_process_group()
 
 
@@ -95,39 +132,48 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--world", type=int, nargs="+", default=[2, 3, 4], help="process counts")
-    parser.add_argument("--groups", type=int, nargs="+", default=[1, 2, 4], help="groups per rank")
-    parser.add_argument("--width", type=int, default=1024, help="MLP width (P grows as width^2)")
-    parser.add_argument("--batch", type=int, default=32, help="samples per rank")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (median)")
+    parser.add_argument("--model", default="bert-small", choices=["bert-small", "mlp"])
+    parser.add_argument("--world", type=int, nargs="+", default=[2], help="process counts")
+    parser.add_argument("--groups", type=int, nargs="+", default=[1, 4], help="groups per rank")
+    parser.add_argument("--width", type=int, default=1024, help="the MLP's width")
+    parser.add_argument("--batch", type=int, help="samples per rank (bert-small 8, mlp 32)")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per sample (bert-small)")
+    parser.add_argument("--rounds", type=int, default=12, help="timed rounds (one step each)")
     args = parser.parse_args(argv)
+    args.batch = args.batch or (8 if args.model == "bert-small" else 32)
+    args.narrow = args.autocast = False
     os.environ["OMP_NUM_THREADS"] = "1"
 
-    print("| W | method | step time | vs DDP | bytes sent per rank | vs DDP |")
-    print("|---|---|---|---|---|---|")
+    print("| W | method | step time (rank 0) | vs DDP (median) | middle half | bytes sent per rank "
+          "| vs DDP |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    numel = 0
     for world in args.world:
-        results = {}
-        for method, m in [("ddp", 1)] + [("grain", m) for m in args.groups]:
-            with tempfile.TemporaryDirectory() as tmp:
-                out = str(Path(tmp) / "result")
-                mp.start_processes(
-                    _worker,
-                    args=(world, _free_port(), method, m, args, out),
-                    nprocs=world,
-                    join=True,
-                    start_method="spawn",
-                )
-                seconds, sent, numel = Path(out).read_text().split()
-            results[(method, m)] = (float(seconds), int(sent))
-            base_t, base_b = results[("ddp", 1)]
-            label = "DDP all-reduce" if method == "ddp" else f"GRAIN, {m} group(s)/rank"
+        with tempfile.TemporaryDirectory() as tmp:
+            out = str(Path(tmp) / "result.json")
+            mp.start_processes(
+                _worker,
+                args=(world, _free_port(), args, out),
+                nprocs=world,
+                join=True,
+                start_method="spawn",
+            )
+            result = json.loads(Path(out).read_text())
+        numel, seconds, sent = result["numel"], result["seconds"], result["sent"]
+        for name, times in seconds.items():
+            ratios = sorted(t / d for t, d in zip(times, seconds["ddp"], strict=True))
+            q1, _, q3 = statistics.quantiles(ratios, n=4)
+            label = "DDP all-reduce" if name == "ddp" else f"GRAIN, {name[5:]} group(s)/rank"
             print(
-                f"| {world} | {label} | {float(seconds) * 1e3:.1f} ms "
-                f"| {float(seconds) / base_t:.2f}x "
-                f"| {int(sent) / 2**20:.1f} MiB | {int(sent) / base_b:.2f}x |",
+                f"| {world} | {label} | {statistics.median(times) * 1e3:.1f} ms "
+                f"| {statistics.median(ratios):.2f}x | [{q1:.2f}, {q3:.2f}] "
+                f"| {sent[name] / 2**20:.1f} MiB | {sent[name] / sent['ddp']:.2f}x |",
                 flush=True,
             )
-    print(f"\nP = {numel} parameters, B = {args.batch} per rank, Gloo, 1 thread per process")
+    shape = f"{args.batch} x {args.tokens} tokens" if args.model == "bert-small" else args.batch
+    print(
+        f"\n{args.model}: P = {numel} parameters, B = {shape} per rank, Gloo, 1 thread per "
+        f"process, {args.rounds} rounds"
+    )
     return 0
 
 

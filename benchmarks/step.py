@@ -85,11 +85,11 @@ def _build(args: argparse.Namespace, lora: bool):  # type: ignore[no-untyped-def
     return model
 
 
-def _inputs(args: argparse.Namespace, device, low: int = 1000, high: int = 30000):  # type: ignore[no-untyped-def]
+def _inputs(args: argparse.Namespace, device, low: int = 1000, high: int = 30000, seed: int = 1):  # type: ignore[no-untyped-def]
     """``(B, T)`` token ids in ``[low, high)`` and ``(B,)`` labels in ``[0, 5)``, seeded."""
     import torch
 
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(low, high, (args.batch, args.tokens), generator=gen).to(device)
     labels = torch.randint(0, 5, (args.batch,), generator=gen).to(device)
     return ids, labels

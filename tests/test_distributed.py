@@ -133,7 +133,8 @@ def test_a_failing_rank_does_not_hang_the_others(tmp_path: Path) -> None:
     results = _dist.run(_failing_worker, 2, tmp_path, timeout=5.0)
     assert "rank 1 failed" in results[1]["error"]
     assert (
-        "GRAIN: the group count exchange across ranks failed on rank 0 of 2" in results[0]["error"]
+        "GRAIN: the agreement on the group sizes across ranks failed on rank 0 of 2"
+        in results[0]["error"]
     )
 
 

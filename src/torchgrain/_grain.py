@@ -22,8 +22,8 @@ from torchgrain.engines import (
     LoopEngine,
 )
 from torchgrain.engines.rules._base import GroupGrad, cat, gram_of, weighted_sum
+from torchgrain.exchange import RankExchange
 from torchgrain.grouping import contiguous_groups, key_groups, random_groups
-from torchgrain.integrations.distributed import RankExchange, flatten, unflatten
 from torchgrain.solvers import (
     AggregatorLike,
     Solution,
@@ -109,7 +109,7 @@ class GRAIN:
         process_group: a ``torch.distributed`` process group (e.g. ``dist.group.WORLD``) for
             data-parallel training: every rank's groups are global groups, and after
             ``backward`` every rank holds the same ``.grad`` (see
-            :mod:`torchgrain.integrations.distributed`). ``None``: single process. Do not also
+            :mod:`torchgrain.exchange`). ``None``: single process. Do not also
             wrap the model in DDP: GRAIN does the gradient exchange.
 
     Example:
@@ -185,7 +185,18 @@ class GRAIN:
         self.step = 0  # completed (not skipped) steps
         self._acc: Accumulation | None = None
         self.process_group = process_group
-        self._exchange = RankExchange(process_group) if process_group is not None else None
+        self._exchange = (
+            None if process_group is None else RankExchange(process_group, self._row_sparse())
+        )
+
+    def _row_sparse(self) -> list[int]:
+        """The parameters exchanged across ranks on their touched rows: embedding weights."""
+        embedded = (
+            set()
+            if self._module is None
+            else {id(mod.weight) for mod in self._module.modules() if isinstance(mod, nn.Embedding)}
+        )
+        return [i for i, p in enumerate(self.params) if id(p) in embedded and p.dim() == 2]
 
     # ------------------------------------------------------------------------------ lifetime
     def close(self) -> None:
@@ -330,23 +341,19 @@ class GRAIN:
         )
 
     def _apply(self, parts: list[_Part], engine: str) -> GrainStats:
-        """The step over the groups of several micro-batches and/or ranks."""
+        """The step over the groups of several micro-batches and/or ranks: join the parts,
+        agree across ranks, Gram, solve, combine, write."""
         counts = [int(part.sizes.shape[0]) for part in parts]
         sizes = torch.cat([part.sizes for part in parts])  # (M_local,) all > 0
         ok = all(part.ok for part in parts)
         fallback = {k: v for part in parts for k, v in part.fallback.items()}
-        grads: list[GroupGrad | None] = []
-        if ok:
-            for i, p in enumerate(self.params):
-                pieces = [part.grads[i] for part in parts]
-                grads.append(
-                    None if all(g is None for g in pieces) else cat(pieces, counts, p.shape, p)
-                )
+        grads = self._join(parts, counts) if ok else []
         if self._exchange is not None:
-            sizes, per_rank, ok = self._exchange.agree(sizes, ok)
-            if not ok:
+            agreement = self._exchange.agree(grads, sizes, ok, self.params)
+            sizes = agreement.sizes  # (W * slots,) every rank's groups
+            if not agreement.ok:
                 return self._nonfinite(sizes, "NaN or Inf on some rank")
-            gram = self._exchange.gram(flatten(grads, self.params, sum(counts)), max(per_rank))
+            gram = self._exchange.gram(grads, agreement, self.params)
         else:
             if not ok:
                 return self._nonfinite(sizes, "NaN or Inf in some micro-batch")
@@ -362,9 +369,7 @@ class GRAIN:
         weights = torch.zeros(len(sizes), dtype=torch.float64)
         weights[present.cpu()] = solution.weights
         if self._exchange is not None:
-            update: list[Tensor | None] = list(
-                unflatten(self._exchange.combine(weights.to(sizes.device)), self.params)
-            )
+            update = self._exchange.combine(weights.to(sizes.device))
         else:
             update = [
                 None if g is None else weighted_sum(weights.to(p.device), g, p.shape).to(p.dtype)
@@ -374,6 +379,18 @@ class GRAIN:
         return self._stats(
             solution.weights, gram_present, sizes, present, solution, seconds, engine, fallback
         )
+
+    def _join(self, parts: list[_Part], counts: list[int]) -> list[GroupGrad | None]:
+        """Per parameter, the group gradients of all parts stacked along the group axis."""
+        if len(parts) == 1:
+            return parts[0].grads
+        grads: list[GroupGrad | None] = []
+        for i, p in enumerate(self.params):
+            pieces = [part.grads[i] for part in parts]
+            grads.append(
+                None if all(g is None for g in pieces) else cat(pieces, counts, p.shape, p)
+            )
+        return grads
 
     def _solve(
         self, gram_host: Tensor, sizes: Tensor, present: Tensor, counts: tuple[int, ...] = ()

@@ -1,0 +1,138 @@
+"""Where every parameter's group gradients sit in the flat vectors the ranks exchange.
+
+The flat vector of one group gradient is cut into *buckets* (consecutive parameters, a few MiB
+each) so that one bucket travels while the next is packed; each bucket is cut into W equal
+*shards*, shard r going to rank r. A dense parameter takes ``numel`` columns. A row-sparse one (an
+embedding's weight) takes only the rows some rank's batch touched, ``len(rows) x width`` columns:
+the union of the ranks' rows is agreed first, so that every rank lays the bucket out alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from torchgrain.engines.rules._base import GroupGrad, Rows, to_dense
+
+BUCKET_BYTES = 16 << 20  # of one rank's send buffer; DDP's default bucket is 25 MiB
+
+
+@dataclass
+class Segment:
+    """One parameter's columns ``[start, start + numel)`` in its bucket."""
+
+    param: int  # index into the parameters
+    start: int
+    numel: int
+    rows: Tensor | None  # (U,) the agreed rows of a row-sparse parameter; None: dense
+
+
+@dataclass
+class Bucket:
+    segments: list[Segment]
+    numel: int  # P_b, columns in all
+    shard: int  # S_b = ceil(P_b / W), columns per rank
+
+
+def plan(
+    params: list[Tensor], rows: dict[int, Tensor], world: int, slots: int, element_size: int
+) -> list[Bucket]:
+    """Buckets over ``params`` in order; ``rows``: the agreed rows of the row-sparse ones."""
+    limit = max(1, BUCKET_BYTES // (slots * element_size))  # columns per bucket
+    buckets: list[Bucket] = []
+    segments: list[Segment] = []
+    start = 0
+    for i, p in enumerate(params):
+        index = rows.get(i)
+        numel = p.numel() if index is None else index.numel() * (p.numel() // p.shape[0])
+        if segments and start + numel > limit:
+            buckets.append(Bucket(segments, start, -(-start // world)))
+            segments, start = [], 0
+        segments.append(Segment(i, start, numel, index))
+        start += numel
+    buckets.append(Bucket(segments, start, max(1, -(-start // world))))
+    return buckets
+
+
+def touched_rows(grad: GroupGrad | None, rows: int, device: torch.device) -> Tensor:
+    """``(rows,)`` uint8: 1 where some group gradient of a 2-D parameter is non-zero."""
+    if grad is None:
+        return torch.zeros(rows, dtype=torch.uint8, device=device)
+    if isinstance(grad, Rows):
+        mask = torch.zeros(rows, dtype=torch.uint8, device=device)
+        mask[grad.index] = 1
+        return mask
+    return grad.reshape(grad.shape[0], rows, -1).ne(0).any(2).any(0).to(torch.uint8)
+
+
+def pack(
+    bucket: Bucket,
+    grads: list[GroupGrad | None],
+    params: list[Tensor],
+    m: int,
+    slots: int,
+    world: int,
+    dtype: Any,
+) -> Tensor:
+    """The ``(W, slots, S_b)`` send buffer of one bucket: rank r's slice holds shard r of this
+    rank's ``m`` group gradients (slots past m and columns past P_b are zero). One copy of each
+    group gradient, straight into place."""
+    S = bucket.shard
+    send = torch.empty(world, slots, S, dtype=dtype, device=params[0].device)
+    if slots > m:
+        send[:, m:].zero_()
+    if world * S > bucket.numel:
+        _put(send, None, bucket.numel, world * S - bucket.numel, m)
+    for seg in bucket.segments:
+        block = _columns(grads[seg.param], seg, params[seg.param].shape, m, dtype)
+        _put(send, block, seg.start, seg.numel, m)
+    return send
+
+
+def unpack(bucket: Bucket, flat: Tensor, params: list[Tensor], out: list[Tensor | None]) -> None:
+    """Scatter the bucket's ``(P_b,)`` combined vector into ``out`` (per parameter, its shape and
+    dtype; a view of ``flat`` where the layout allows)."""
+    for seg in bucket.segments:
+        p = params[seg.param]
+        piece = flat[seg.start : seg.start + seg.numel]
+        if seg.rows is None:
+            out[seg.param] = piece.view(p.shape).to(p.dtype)
+        else:
+            full = piece.new_zeros(p.shape, dtype=p.dtype)
+            out[seg.param] = full.index_copy_(0, seg.rows, piece.view(-1, *p.shape[1:]).to(p.dtype))
+
+
+def _columns(
+    grad: GroupGrad | None, seg: Segment, shape: torch.Size, m: int, dtype: Any
+) -> Tensor | None:
+    """``(m, numel)`` this parameter's group gradients in its layout (a view where possible);
+    ``None`` for zeros."""
+    if grad is None:
+        return None
+    if seg.rows is None:
+        return to_dense(grad, shape).reshape(m, -1).to(dtype)
+    if isinstance(grad, Rows):
+        where = torch.searchsorted(seg.rows, grad.index)  # grad's rows among the agreed ones
+        values = grad.values.new_zeros(m, seg.rows.numel(), grad.values.shape[2])
+        values[:, where] = grad.values
+        return values.reshape(m, -1).to(dtype)
+    return grad.reshape(m, grad.shape[1], -1)[:, seg.rows].reshape(m, -1).to(dtype)
+
+
+def _put(send: Tensor, block: Tensor | None, start: int, numel: int, m: int) -> None:
+    """Write ``block`` ``(m, numel)`` (or zeros) at columns ``[start, start + numel)`` of the
+    bucket, across the shards it spans."""
+    S = send.shape[2]
+    done = 0
+    while done < numel:
+        rank, offset = divmod(start + done, S)
+        take = min(S - offset, numel - done)
+        target = send[rank, :m, offset : offset + take]
+        if block is None:
+            target.zero_()
+        else:
+            target.copy_(block[:, done : done + take])
+        done += take
