@@ -91,7 +91,9 @@ class GRAIN:
             negatives) is not detectable: use ``"loop"`` for it.
         memory_budget: bytes of group gradients the fused engine may keep per step (default
             1 GiB); past it, layers recompute ``d`` from their kept inputs and output gradients
-            (one more weight-gradient GEMM, little memory). ``0`` keeps none.
+            (one more weight-gradient GEMM, little memory). ``0`` keeps none. Inside
+            :meth:`accumulate` and under ``process_group`` every group gradient is kept whatever
+            the budget: they are held to the block's end or exchanged.
         nonfinite: on NaN/Inf losses or gradients, ``"raise"`` a :class:`NonFiniteError` or
             ``"skip"`` the step (``.grad`` untouched, ``stats.skipped`` True: skip
             ``optimizer.step()`` too). Never a NaN step.
@@ -293,7 +295,10 @@ class GRAIN:
         )
 
         engine = self._engine
-        gram_present = engine.gram(losses, groups_present, self.params)  # (m', m')
+        collective = self._acc is not None or self._exchange is not None
+        gram_present = engine.gram(  # (m', m')
+            losses, groups_present, self.params, keep_groups=collective
+        )
         fallback = dict(getattr(engine, "fallback", {}))
         unreached = [
             name for name, hit in zip(self.names, engine.reached(), strict=True) if not hit
@@ -309,7 +314,7 @@ class GRAIN:
         # would cost ~30 kernel launches per iteration).
         gram_host = gram_present.cpu()
         ok = bool(finite) and bool(torch.isfinite(gram_host).all())
-        if self._acc is not None or self._exchange is not None:
+        if collective:
             part = _Part(engine.group_grads() if ok else [], sizes[present], ok, fallback)
             if self._acc is None or not ok:
                 return self._collect(part, m, sizes)

@@ -28,8 +28,20 @@ class Engine(Protocol):
 
     name: str
 
-    def gram(self, losses: Tensor, groups: GroupIndex, params: list[Tensor]) -> Tensor:
-        """``(B,)`` losses and groups -> ``(m, m)`` float64 Gram of the group gradients."""
+    def gram(
+        self,
+        losses: Tensor,
+        groups: GroupIndex,
+        params: list[Tensor],
+        *,
+        keep_groups: bool = False,
+    ) -> Tensor:
+        """``(B,)`` losses and groups -> ``(m, m)`` float64 Gram of the group gradients.
+
+        ``keep_groups``: :meth:`group_grads` follows (accumulation, ranks), so every group
+        gradient is materialised anyway: an engine then keeps them all and takes no shortcut that
+        skips them (a Gram block computed without them; with one group, a plain backward where a
+        rule's compact form, an embedding's rows, pays)."""
         ...
 
     def reached(self) -> list[bool]:

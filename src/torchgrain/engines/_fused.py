@@ -85,11 +85,18 @@ class FusedEngine:
         self._reset()
 
     # --------------------------------------------------------------------------------- gram
-    def gram(self, losses: Tensor, groups: GroupIndex, params: list[Tensor]) -> Tensor:
+    def gram(
+        self,
+        losses: Tensor,
+        groups: GroupIndex,
+        params: list[Tensor],
+        *,
+        keep_groups: bool = False,
+    ) -> Tensor:
         self._reset()
         self._params, self._groups = params, groups
         calls, mixing = self.hooks.take()
-        if groups.m == 1:  # d is the plain gradient: one ordinary backward, bit for bit
+        if groups.m == 1 and not keep_groups:  # d is the plain gradient, bit for bit
             self._delegate = LoopEngine()
             return self._delegate.gram(losses, groups, params)
         if mixing:
@@ -153,7 +160,7 @@ class FusedEngine:
                 id(c): None if bk is None else bk.reshape(c.out_shape)
                 for c, bk in zip(edges, bks, strict=True)
             }
-            gram += self._rule_grams(rule_params, bk_of, groups)
+            gram += self._rule_grams(rule_params, bk_of, groups, keep_groups)
         return gram
 
     def _cover(
@@ -187,6 +194,7 @@ class FusedEngine:
         rule_params: dict[int, list[tuple[Call, str]]],
         bk_of: dict[int, Tensor],
         groups: GroupIndex,
+        keep_all: bool,
     ) -> Tensor:
         gram = torch.zeros(groups.m, groups.m, dtype=torch.float64, device=groups.ids.device)
         pending: dict[int, GroupGrad | None] = {}
@@ -204,7 +212,11 @@ class FusedEngine:
                     remaining[i] -= 1
                 continue
             rule = self.hooks.rules[call.module]
-            ghosted = self._ghost(rule, call, bk, groups, users[key], rule_params, gram)
+            ghosted = (
+                frozenset()
+                if keep_all
+                else self._ghost(rule, call, bk, groups, users[key], rule_params, gram)
+            )
             for i, pname in users[key]:
                 if pname in ghosted:
                     self._recompute.setdefault(i, []).append((call, pname, bk))
@@ -227,7 +239,7 @@ class FusedEngine:
                         continue
                     gram += gram_of(total)
                     size = nbytes(total)
-                    if self.kept_bytes + size <= self.memory_budget:
+                    if keep_all or self.kept_bytes + size <= self.memory_budget:
                         self.kept_bytes += size
                         self._kept[i] = total
                         del self._recompute[i]

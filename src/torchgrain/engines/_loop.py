@@ -37,7 +37,14 @@ class LoopEngine:
     def __init__(self) -> None:
         self._grads: list[Tensor | None] = []  # per parameter: (m, *shape), or None if unreached
 
-    def gram(self, losses: Tensor, groups: GroupIndex, params: list[Tensor]) -> Tensor:
+    def gram(
+        self,
+        losses: Tensor,
+        groups: GroupIndex,
+        params: list[Tensor],
+        *,
+        keep_groups: bool = False,
+    ) -> Tensor:
         group_losses = groups.group_means(losses)  # (m,)
         m = group_losses.shape[0]
         self._grads = per_group_gradients(group_losses, params, retain_graph=False)
