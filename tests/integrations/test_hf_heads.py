@@ -142,8 +142,8 @@ def test_missing_labels_are_named(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("setting", "value", "message"),
     [
-        ("deepspeed", "ds_config.json", "DeepSpeed.*process_group=.*ddp_train.py"),
-        ("fsdp", "full_shard", "FSDP.*process_group="),
+        ("deepspeed", "ds_config.json", "DeepSpeed.*torchrun"),
+        ("fsdp", "full_shard", "FSDP.*sharded parameters.*torchrun"),
         ("_n_gpu", 2, "n_gpu=2.*CUDA_VISIBLE_DEVICES"),
         ("fp16", True, "fp16=True.*bf16=True"),
         ("torch_compile", True, "torch_compile=True.*grain_engine='loop'"),

@@ -8,8 +8,8 @@ from typing import Any
 def refuse_unsupported(args: Any, engine: str) -> None:
     """Raise for the ``TrainingArguments`` GRAIN cannot honour, naming the setting and the fix."""
     ddp_hint = (
-        "for data parallel use GRAIN(model, num_groups=m, process_group=dist.group.WORLD) in "
-        "your own loop under torchrun (examples/ddp_train.py)"
+        "for data parallel launch GrainTrainer with torchrun or accelerate's plain multi-process "
+        "DDP (no FSDP or DeepSpeed config): it then exchanges the ranks' group gradients itself"
     )
     if getattr(args, "deepspeed", None):
         raise ValueError(
@@ -18,18 +18,13 @@ def refuse_unsupported(args: Any, engine: str) -> None:
         )
     if getattr(args, "fsdp", None):
         raise ValueError(
-            f"GrainTrainer does not run under FSDP (fsdp={args.fsdp!r}): sharded parameters "
-            f"have no full group gradients; drop fsdp=, and {ddp_hint}"
-        )
-    if args.world_size > 1:
-        raise ValueError(
-            f"GrainTrainer runs in one process, got world_size={args.world_size}: Trainer's DDP "
-            f"would average the ranks' gradients instead of GRAIN; {ddp_hint}"
+            f"GrainTrainer does not run under FSDP (fsdp={args.fsdp!r}): GRAIN does not yet "
+            f"combine group gradients of sharded parameters; drop fsdp=, and {ddp_hint}"
         )
     if args.n_gpu > 1:
         raise ValueError(
-            f"GrainTrainer runs on one device, got n_gpu={args.n_gpu} (nn.DataParallel); set "
-            f"CUDA_VISIBLE_DEVICES to one GPU, and {ddp_hint}"
+            f"GrainTrainer runs one device per process, got n_gpu={args.n_gpu} "
+            f"(nn.DataParallel); set CUDA_VISIBLE_DEVICES to one GPU, and {ddp_hint}"
         )
     if getattr(args, "fp16", False):
         raise ValueError(

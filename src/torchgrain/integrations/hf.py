@@ -23,8 +23,14 @@ for every trained parameter: ``optimizer.step()`` then leaves them all as they a
 ``torch.optim`` optimizer skips a parameter without ``.grad``: no momentum, no weight decay), while
 ``Trainer`` counts the step (``global_step``, the LR scheduler). ``grain/skipped`` is logged.
 
-Refused at construction, each with the setting to change: DeepSpeed, FSDP, several processes or
-``nn.DataParallel`` (use ``GRAIN(process_group=...)`` in your own loop: ``examples/ddp_train.py``),
+Several processes (``torchrun`` or ``accelerate launch``, plain multi-process DDP): every rank's
+groups are global groups of one GRAIN step (``process_group=WORLD``: ``num_groups`` per rank and
+micro-batch, ``world_size x`` as many in all); GRAIN exchanges the group gradients itself, so the
+forward runs on the model Trainer wrapped in DDP, not through the wrapper, whose all-reduce never
+runs. Every rank ends each step with the same ``.grad`` and the same parameters; Trainer logs and
+saves from the main process, and ``grain_state.pt`` is written there.
+
+Refused at construction, each with the setting to change: DeepSpeed, FSDP, ``nn.DataParallel``,
 ``fp16`` (its GradScaler's overflow handling would fight GRAIN's NaN check: use ``bf16``),
 ``torch_compile`` with the fused engine (``grain_engine="loop"`` compiles), LOMO optimizers (they
 fuse the update into ``backward``), a ``compute_loss_func`` (it returns a mean: override
@@ -40,6 +46,7 @@ import sys
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import transformers
 from torch import Tensor, nn
 from transformers import Trainer
@@ -173,6 +180,8 @@ class GrainTrainer(Trainer):
                 "classification, causal-LM or masked-LM head): subclass GrainTrainer and override "
                 "compute_per_sample_losses(model, inputs) to return ((B,) losses, outputs)"
             )
+        if self.args.world_size > 1:  # torchrun / accelerate DDP: GRAIN exchanges across ranks
+            self._grain_options["process_group"] = dist.group.WORLD
         self.grain = GRAIN(self._grain_model, **self._grain_options)
         self.grain_stats: GrainStats | None = None
         self._grain_logged: list[GrainStats] = []  # the steps since the last log
@@ -240,6 +249,8 @@ class GrainTrainer(Trainer):
             keys = inputs[self.grain_key]
             if self.grain_key not in self.label_names and self.grain_key != "labels":
                 inputs = {k: v for k, v in inputs.items() if k != self.grain_key}
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module  # GRAIN, not DDP's reducer, combines the ranks' gradients
         with self.compute_loss_context_manager():
             losses, _ = self.compute_per_sample_losses(model, inputs)  # (B,)
         groups = None
@@ -310,7 +321,8 @@ class GrainTrainer(Trainer):
     # ------------------------------------------------------------------------ checkpoints
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
-        torch.save(self.grain.state_dict(), os.path.join(output_dir, _STATE_FILE))
+        if self.args.should_save:  # the same state on every rank: the main process writes it
+            torch.save(self.grain.state_dict(), os.path.join(output_dir, _STATE_FILE))
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         super()._load_rng_state(checkpoint)
