@@ -15,7 +15,7 @@ from torch import Tensor, nn
 import torchgrain
 from tests import _dist
 from tests._models import mlp, per_sample_ce
-from torchgrain.exchange import _layout, _replicated
+from torchgrain.exchange import _base, _layout
 
 VOCAB, T = 40, 5
 
@@ -112,7 +112,7 @@ def _crowded_worker(rank: int, world: int, m: int) -> dict[str, object]:
 
 
 def test_more_groups_per_rank_than_the_first_collective_carries(tmp_path: Path) -> None:
-    m = _replicated.CAPACITY + 6  # one sample per group
+    m = _base.CAPACITY + 6  # one sample per group
     results = _dist.run(_crowded_worker, 2, tmp_path, m)
     for r in results:
         assert "error" not in r, r.get("trace")

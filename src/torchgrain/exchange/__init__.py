@@ -9,6 +9,7 @@ returns ``d``.
   travel.
 """
 
-from torchgrain.exchange._replicated import Agreement, RankExchange
+from torchgrain.exchange._base import Agreement, Exchange
+from torchgrain.exchange._replicated import RankExchange
 
-__all__ = ["Agreement", "RankExchange"]
+__all__ = ["Agreement", "Exchange", "RankExchange"]
