@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from torchgrain._errors import NonFiniteError, describe, shorten
@@ -22,7 +23,8 @@ from torchgrain.engines import (
     LoopEngine,
 )
 from torchgrain.engines.rules._base import GroupGrad, cat, gram_of, weighted_sum
-from torchgrain.exchange import RankExchange
+from torchgrain.exchange import Exchange, RankExchange, ShardedExchange
+from torchgrain.exchange._sharded import check_sharded, is_sharded, unsharded
 from torchgrain.grouping import contiguous_groups, key_groups, random_groups
 from torchgrain.solvers import (
     AggregatorLike,
@@ -174,6 +176,7 @@ class GRAIN:
         self.allow_unused = allow_unused
         self._module = model_or_params if isinstance(model_or_params, nn.Module) else None
         self.names, self.params = _collect_params(model_or_params)
+        self._sharded = any(is_sharded(p) for p in self.params)  # by FSDP2's fully_shard
         self._signature = self._current_signature()
         self._engine: Engine = (
             FusedEngine(model_or_params, memory_budget)  # type: ignore[arg-type]
@@ -187,9 +190,19 @@ class GRAIN:
         self.step = 0  # completed (not skipped) steps
         self._acc: Accumulation | None = None
         self.process_group = process_group
-        self._exchange = (
-            None if process_group is None else RankExchange(process_group, self._row_sparse())
-        )
+        self._exchange: Exchange | None = None
+        if self._sharded:  # FSDP2: every rank ends with its shard of d
+            if self._module is None:
+                raise ValueError(
+                    "GRAIN on an FSDP2-sharded model needs the model itself (it unshards its FSDP "
+                    "units for the backward), not its parameters: GRAIN(model, ...)"
+                )
+            world = None if process_group is None else dist.get_world_size(process_group)
+            mesh_group = check_sharded(self.names, self.params, world)
+            self.process_group = process_group if process_group is not None else mesh_group
+            self._exchange = ShardedExchange(self.process_group)
+        elif process_group is not None:
+            self._exchange = RankExchange(process_group, self._row_sparse())
 
     def _row_sparse(self) -> list[int]:
         """The parameters exchanged across ranks on their touched rows: embedding weights."""
@@ -199,6 +212,15 @@ class GRAIN:
             else {id(mod.weight) for mod in self._module.modules() if isinstance(mod, nn.Embedding)}
         )
         return [i for i, p in enumerate(self.params) if id(p) in embedded and p.dim() == 2]
+
+    def _graph_params(self) -> Any:
+        """A context yielding the tensors the autograd graph uses for ``self.params``: the
+        parameters themselves, or for an FSDP2 model its unsharded ones (see
+        :func:`torchgrain.exchange.unsharded`)."""
+        if self._sharded:
+            assert self._module is not None
+            return unsharded(self._module, self.names)
+        return contextlib.nullcontext(self.params)
 
     # ------------------------------------------------------------------------------ lifetime
     def close(self) -> None:
@@ -296,26 +318,28 @@ class GRAIN:
 
         engine = self._engine
         collective = self._acc is not None or self._exchange is not None
-        gram_present = engine.gram(  # (m', m')
-            losses, groups_present, self.params, keep_groups=collective
-        )
-        fallback = dict(getattr(engine, "fallback", {}))
-        unreached = [
-            name for name, hit in zip(self.names, engine.reached(), strict=True) if not hit
-        ]
-        if unreached and not self.allow_unused:
-            raise ValueError(
-                f"parameters {shorten(unreached)} received no gradient from the losses; pass only "
-                "the parameters the loss uses, freeze them (requires_grad_(False)) before building "
-                "GRAIN, or set allow_unused=True"
+        with self._graph_params() as params:  # FSDP: its units unsharded until the rules ran
+            gram_present = engine.gram(  # (m', m')
+                losses, groups_present, params, keep_groups=collective
             )
-        # Host sync: the (m', m') Gram comes to the host once, to check it and to solve the QP
-        # there (a few hundred microseconds, where a fixed-count masked solve on the device
-        # would cost ~30 kernel launches per iteration).
-        gram_host = gram_present.cpu()
-        ok = bool(finite) and bool(torch.isfinite(gram_host).all())
+            fallback = dict(getattr(engine, "fallback", {}))
+            unreached = [
+                name for name, hit in zip(self.names, engine.reached(), strict=True) if not hit
+            ]
+            if unreached and not self.allow_unused:
+                raise ValueError(
+                    f"parameters {shorten(unreached)} received no gradient from the losses; pass "
+                    "only the parameters the loss uses, freeze them (requires_grad_(False)) "
+                    "before building GRAIN, or set allow_unused=True"
+                )
+            # Host sync: the (m', m') Gram comes to the host once, to check it and to solve the
+            # QP there (a few hundred microseconds, where a fixed-count masked solve on the
+            # device would cost ~30 kernel launches per iteration).
+            gram_host = gram_present.cpu()
+            ok = bool(finite) and bool(torch.isfinite(gram_host).all())
+            grads = engine.group_grads() if collective and ok else []
         if collective:
-            part = _Part(engine.group_grads() if ok else [], sizes[present], ok, fallback)
+            part = _Part(grads, sizes[present], ok, fallback)
             if self._acc is None or not ok:
                 return self._collect(part, m, sizes)
             # this micro-batch's own diagnostics
@@ -393,7 +417,7 @@ class GRAIN:
         for i, p in enumerate(self.params):
             pieces = [part.grads[i] for part in parts]
             grads.append(
-                None if all(g is None for g in pieces) else cat(pieces, counts, p.shape, p)
+                None if all(g is None for g in pieces) else cat(pieces, counts, p.shape, _local(p))
             )
         return grads
 
@@ -524,7 +548,10 @@ class GRAIN:
         named: list[tuple[str, Tensor]] = list(zip(self.names, self.params, strict=True))
         if self._module is not None:
             named = [(n, p) for n, p in self._module.named_parameters() if p.requires_grad]
-        return [(n, id(p), tuple(p.shape), p.requires_grad) for n, p in named]
+        # FSDP2 swaps sharded and unsharded parameter objects in and out: names and shapes only
+        return [
+            (n, 0 if self._sharded else id(p), tuple(p.shape), p.requires_grad) for n, p in named
+        ]
 
     def _check_unchanged(self) -> None:
         now = self._current_signature()
@@ -604,6 +631,11 @@ def _autocast_off(like: Tensor) -> Any:
     if not (available(device) if available is not None else device in ("cpu", "cuda")):
         return contextlib.nullcontext()
     return torch.autocast(device, enabled=False)
+
+
+def _local(p: Tensor) -> Tensor:
+    """A plain tensor on ``p``'s device and dtype (an FSDP2 parameter's local shard)."""
+    return p.to_local() if is_sharded(p) else p  # type: ignore[attr-defined]
 
 
 def _collect_params(source: ParamsLike) -> tuple[list[str], list[Tensor]]:

@@ -24,6 +24,7 @@ mixes samples without being a BatchNorm; use ``engine="loop"`` for those.
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -58,12 +59,19 @@ class FusedEngine:
     ) -> None:
         self.hooks = HookManager(model, find_rule, expand_broadcast)
         self.memory_budget = memory_budget
+        self._model = weakref.ref(model)
         self._owner: dict[int, tuple[str, nn.Module]] = {}  # id(param) -> (qualified name, module)
-        for name, module in model.named_modules():
-            for pname, p in module.named_parameters(recurse=False):
-                self._owner.setdefault(id(p), (f"{name}.{pname}" if name else pname, module))
+        self._index_owners()
         self._warned: set[str] = set()
         self._reset()
+
+    def _index_owners(self) -> None:
+        """Name and module of every parameter the model holds now (FSDP2 swaps its unsharded
+        parameters in for the backward: they are indexed when first seen)."""
+        model = self._model()
+        for name, module in [] if model is None else model.named_modules():
+            for pname, p in module.named_parameters(recurse=False):
+                self._owner.setdefault(id(p), (f"{name}.{pname}" if name else pname, module))
 
     def _reset(self) -> None:
         self.fallback: dict[str, str] = {}  # parameter name -> why it used the exact fallback
@@ -95,6 +103,8 @@ class FusedEngine:
     ) -> Tensor:
         self._reset()
         self._params, self._groups = params, groups
+        if any(id(p) not in self._owner for p in params):
+            self._index_owners()
         calls, mixing = self.hooks.take()
         if groups.m == 1 and not keep_groups:  # d is the plain gradient, bit for bit
             self._delegate = LoopEngine()

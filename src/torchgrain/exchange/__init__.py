@@ -5,11 +5,16 @@ local group gradients to the exchange here, which agrees on the groups, builds t
 returns ``d``.
 
 - :mod:`._replicated` — replicated parameters (DDP's place): every rank ends with the whole ``d``.
+- :mod:`._sharded` — parameters sharded by FSDP2's ``fully_shard``: every rank ends with its
+  shard of ``d`` as the DTensor ``.grad`` FSDP expects.
+- :mod:`._base` — what both share: the agreement on the groups, the all-to-all of the shards with
+  their partial Grams, and the Gram's sum in rank order.
 - :mod:`._layout` — where each parameter's group gradients sit in the buckets and shards that
   travel.
 """
 
 from torchgrain.exchange._base import Agreement, Exchange
 from torchgrain.exchange._replicated import RankExchange
+from torchgrain.exchange._sharded import ShardedExchange, unsharded
 
-__all__ = ["Agreement", "Exchange", "RankExchange"]
+__all__ = ["Agreement", "Exchange", "RankExchange", "ShardedExchange", "unsharded"]

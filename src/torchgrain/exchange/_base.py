@@ -118,6 +118,18 @@ class Exchange:
             start += n
         return Agreement(everyone.reshape(-1), list(counts), all(oks), rows)
 
+    # -------------------------------------------------------------------------- the two steps
+    def gram(
+        self, grads: list[GroupGrad | None], agreement: Agreement, params: list[Tensor]
+    ) -> Tensor:
+        """This rank's group gradients per parameter -> the global ``(W * slots, W * slots)``
+        float64 Gram, the same bits on every rank."""
+        raise NotImplementedError
+
+    def combine(self, weights: Tensor) -> list[Tensor | None]:
+        """``(W * slots,)`` global weights -> what each parameter's ``.grad`` receives."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------------------- shards
     def _exchange_shards(self, sends: Iterable[Tensor], slots: int) -> Tensor:
         """Send each ``(W, slots, S_b)`` buffer's slice r to rank r (asynchronously: the next

@@ -1,0 +1,199 @@
+"""The sharded exchange, for a model sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``):
+every rank ends the step with its own shard of ``d``, the DTensor ``.grad`` FSDP gives it.
+
+``fully_shard`` splits each parameter on dim 0 over the W ranks of a one-dimensional mesh: rank r
+holds rows chunk r (``torch.chunk``'s split, ``ceil(rows / W)`` rows each, fewer or none at the
+end). GRAIN's step on such a model:
+
+1. the forward runs as usual; for GRAIN's backward every FSDP unit is unsharded (all-gathered)
+   once and kept so until the rules have read what they need (:func:`unsharded`), then resharded;
+2. the engine computes this rank's group gradients in their full shapes, exactly as without FSDP;
+3. **agree** and **Gram** as in the replicated exchange; the shards that travel are cut by rows:
+   rank r receives rows chunk r of every rank's group gradients (asynchronous all-to-all, per
+   bucket), so its partial Gram is over the parameter rows it owns;
+4. **combine** — each rank combines its own rows. There is no all-gather: that is ``d``'s shard.
+
+Bytes each rank sends: ``m_local * P (W-1)/W`` — with one group per rank, FSDP's reduce-scatter.
+Memory: the unsharded parameters and the ``m_local`` full-size group gradients during the step
+(the keep mode; gradient memory ``m_local x P`` per rank). An embedding travels whole here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from torchgrain.engines.rules._base import GroupGrad, to_dense
+from torchgrain.exchange._base import Agreement, Exchange, exchange_dtype
+from torchgrain.exchange._layout import BUCKET_BYTES
+
+
+def is_sharded(p: Tensor) -> bool:
+    """Whether ``p`` is a DTensor (a parameter that ``fully_shard`` sharded)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without DTensor: nothing is sharded
+        return False
+    return isinstance(p, DTensor)
+
+
+def check_sharded(names: list[str], params: list[Tensor], world: int | None) -> Any:
+    """Every parameter sharded on dim 0 over one mesh dimension (``fully_shard``'s layout);
+    returns that mesh's process group."""
+    from torch.distributed.tensor import Shard
+
+    plain = [n for n, p in zip(names, params, strict=True) if not is_sharded(p)]
+    if plain:
+        raise ValueError(
+            f"parameters {plain[:3]} are not sharded while others are: GRAIN on an FSDP2 model "
+            "needs every trainable parameter under fully_shard; call fully_shard on the root "
+            "module too (after its submodules), then build GRAIN"
+        )
+    meshes = {id(p.device_mesh) for p in params}  # type: ignore[attr-defined]
+    for name, p in zip(names, params, strict=True):
+        mesh, placements = p.device_mesh, p.placements  # type: ignore[attr-defined]
+        if mesh.ndim != 1 or tuple(placements) != (Shard(0),) or len(meshes) != 1:
+            raise ValueError(
+                f"{name} is sharded as {tuple(placements)} over a {mesh.ndim}-D mesh: GRAIN "
+                "supports fully_shard's layout on one mesh dimension (Shard(0)), the same mesh "
+                "for every parameter; HSDP and tensor parallelism are not supported yet"
+            )
+    mesh = params[0].device_mesh  # type: ignore[attr-defined]
+    if world is not None and mesh.size() != world:
+        raise ValueError(
+            f"the parameters are sharded over {mesh.size()} ranks but process_group has {world}; "
+            "pass the mesh's group (process_group=None uses it)"
+        )
+    return mesh.get_group()
+
+
+@contextlib.contextmanager
+def unsharded(model: nn.Module, names: list[str]) -> Iterator[list[Tensor]]:
+    """Every FSDP unit of ``model`` unsharded for GRAIN's backward and rules; yields the tensors
+    the autograd graph uses for the parameters ``names`` (the unsharded ones). Resharded after."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    before = [_reshard_after_backward(unit) for unit in units]
+    for unit in units:  # FSDP would reshard each unit as the backward leaves it
+        unit.set_reshard_after_backward(False, recurse=False)
+    try:
+        handles = [unit.unshard(async_op=True) for unit in units]
+        for handle in handles:
+            if handle is not None:
+                handle.wait()
+        now = dict(model.named_parameters())
+        yield [now[name] for name in names]
+    finally:
+        for unit, value in zip(units, before, strict=True):
+            unit.reshard()
+            unit.set_reshard_after_backward(value, recurse=False)
+
+
+def _reshard_after_backward(unit: Any) -> bool:
+    """The unit's setting (FSDP2 has a setter only; its default is True)."""
+    state = getattr(unit, "_get_fsdp_state", lambda: None)()
+    group = getattr(state, "_fsdp_param_group", None)
+    return bool(getattr(group, "reshard_after_backward", True))
+
+
+@dataclass
+class _Piece:
+    """One parameter in a bucket: its rows chunk at columns ``[start, start + chunk x width)`` of
+    every rank's shard."""
+
+    param: int
+    start: int
+    rows: int  # dim 0
+    chunk: int  # rows per rank, ceil(rows / W)
+    width: int  # values per row
+
+
+class ShardedExchange(Exchange):
+    """The sharded exchange (FSDP2's place): every rank ends with its rows of ``d``."""
+
+    def __init__(self, process_group: Any) -> None:
+        super().__init__(process_group)
+        self._buckets: list[tuple[list[_Piece], int]] = []  # (pieces, S_b)
+        self._params: list[Tensor] = []
+
+    def _plan(self, params: list[Tensor], slots: int, element_size: int) -> None:
+        limit = max(1, BUCKET_BYTES // (slots * element_size * self.world))  # columns per rank
+        self._buckets = []
+        pieces: list[_Piece] = []
+        start = 0
+        for i, p in enumerate(params):
+            rows = p.shape[0] if p.dim() else 1
+            chunk = -(-rows // self.world)
+            width = p.numel() // max(rows, 1)
+            if pieces and start + chunk * width > limit:
+                self._buckets.append((pieces, start))
+                pieces, start = [], 0
+            pieces.append(_Piece(i, start, rows, chunk, width))
+            start += chunk * width
+        self._buckets.append((pieces, max(start, 1)))
+
+    def _pack(
+        self, pieces: list[_Piece], S: int, grads: list[GroupGrad | None], m: int, slots: int
+    ) -> Tensor:
+        """``(W, slots, S_b)``: rank r's slice holds rows chunk r of each parameter's ``m`` group
+        gradients (zero past a parameter's last row, past ``m`` and past the pieces)."""
+        dtype = exchange_dtype(self._params)
+        send = torch.zeros(self.world, slots, S, dtype=dtype, device=self.device)
+        for piece in pieces:
+            grad, p = grads[piece.param], self._params[piece.param]
+            if grad is None:
+                continue
+            dense = to_dense(grad, p.shape).reshape(m, piece.rows, piece.width)
+            for r in range(self.world):
+                low, high = min(r * piece.chunk, piece.rows), min((r + 1) * piece.chunk, piece.rows)
+                n = (high - low) * piece.width
+                if n:
+                    send[r, :m, piece.start : piece.start + n] = dense[:, low:high].reshape(m, n)
+        return send
+
+    def gram(
+        self, grads: list[GroupGrad | None], agreement: Agreement, params: list[Tensor]
+    ) -> Tensor:
+        """Local full-shape group gradients -> the global float64 Gram, the same on every rank."""
+        world, slots, m = self.world, agreement.slots, agreement.counts[self.rank]
+        size = torch.empty((), dtype=exchange_dtype(params)).element_size()
+        self._params, self.device = params, params[0].device
+        self._plan(params, slots, size)
+        sends = (self._pack(pieces, S, grads, m, slots) for pieces, S in self._buckets)
+        partial = self._exchange_shards(sends, slots)
+        self.bytes_sent = sum(S for _, S in self._buckets) * slots * (world - 1) * size
+        return self._sum_grams(partial)
+
+    def combine(self, weights: Tensor) -> list[Tensor | None]:
+        """``(W * slots,)`` global weights -> per parameter this rank's rows of ``d``, as the
+        DTensor shard FSDP expects in ``.grad``."""
+        from torch.distributed.tensor import DTensor
+
+        out: list[Tensor | None] = [None] * len(self._params)
+        for (pieces, _), shard in zip(self._buckets, self._shards, strict=True):
+            part = weights.to(shard.dtype) @ shard  # (S_b,) my rows of d
+            for piece in pieces:
+                p: Any = self._params[piece.param]
+                local_shape = p.to_local().shape
+                low = min(self.rank * piece.chunk, piece.rows)
+                high = min((self.rank + 1) * piece.chunk, piece.rows)
+                if local_shape[:1] != (high - low,):
+                    raise RuntimeError(
+                        f"FSDP holds {tuple(local_shape)} of a {tuple(p.shape)} parameter on rank "
+                        f"{self.rank}, not rows {low}..{high} (torch.chunk's split of dim 0) as "
+                        "GRAIN expects; please report this layout"
+                    )
+                rows = part[piece.start : piece.start + (high - low) * piece.width]
+                local = rows.reshape(local_shape).to(p.dtype)
+                out[piece.param] = DTensor.from_local(
+                    local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                    stride=p.stride(),
+                )  # fmt: skip
+        self._shards = []
+        return out
