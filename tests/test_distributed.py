@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,30 @@ def test_a_failing_rank_does_not_hang_the_others(tmp_path: Path) -> None:
         "GRAIN: the agreement on the group sizes across ranks failed on rank 0 of 2"
         in results[0]["error"]
     )
+
+
+def _dying_worker(rank: int, world: int, out: str) -> dict[str, object]:
+    model = _model()
+    grain = torchgrain.GRAIN(model, num_groups=2, process_group=dist.group.WORLD)
+    if rank == 1:  # dies without a word: no exception, no collective, the process just ends
+        torch.save({"died": True}, Path(out) / "rank1.pt")
+        os._exit(0)
+    x, y, _ = _data(world)[rank]
+    started = time.monotonic()
+    try:
+        grain.backward(per_sample_ce(model, x, y))
+    except RuntimeError as error:
+        return {"error": str(error), "seconds": time.monotonic() - started}
+    return {"finished": True}
+
+
+def test_a_rank_that_dies_makes_the_others_raise_within_the_timeout(tmp_path: Path) -> None:
+    results = _dist.run(_dying_worker, 2, tmp_path, str(tmp_path), timeout=10.0)
+    assert results[1] == {"died": True}
+    assert "GRAIN: the agreement on the group sizes across ranks failed on rank 0 of 2" in str(
+        results[0].get("error")
+    )
+    assert results[0]["seconds"] < 10.0 + 5.0  # the process group's timeout, and some slack
 
 
 def test_torchrun_example_from_the_readme() -> None:
