@@ -191,6 +191,12 @@ class GRAIN:
         self._acc: Accumulation | None = None
         self.process_group = process_group
         self._exchange: Exchange | None = None
+        if self._sharded or process_group is not None:
+            self._bind(process_group)
+
+    def _bind(self, process_group: Any) -> None:
+        """Exchange the group gradients over ``process_group`` (the mesh's group for an FSDP2
+        model when ``None``): the replicated exchange, or the sharded one for FSDP2."""
         if self._sharded:  # FSDP2: every rank ends with its shard of d
             if self._module is None:
                 raise ValueError(
@@ -201,7 +207,8 @@ class GRAIN:
             mesh_group = check_sharded(self.names, self.params, world)
             self.process_group = process_group if process_group is not None else mesh_group
             self._exchange = ShardedExchange(self.process_group)
-        elif process_group is not None:
+        else:
+            self.process_group = process_group
             self._exchange = RankExchange(process_group, self._row_sparse())
 
     def _row_sparse(self) -> list[int]:
@@ -552,6 +559,10 @@ class GRAIN:
         return [
             (n, 0 if self._sharded else id(p), tuple(p.shape), p.requires_grad) for n, p in named
         ]
+
+    def _stale(self) -> bool:
+        """Whether the trainable parameters changed since GRAIN was built."""
+        return self._current_signature() != self._signature
 
     def _check_unchanged(self) -> None:
         now = self._current_signature()

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch.distributed as dist
 from torch import Tensor
 
 from torchgrain._grain import GRAIN
@@ -97,6 +98,8 @@ def grain_step(
                 f"the module has {len(optimizer)} optimizers; pass grain_step(..., optimizer=...) "
                 "with the one that trains the parameters GRAIN was built on"
             )
+    if trainer is not None and trainer.world_size > 1 and grain.process_group is None:
+        grain._bind(dist.group.WORLD)  # DDP: every rank's groups are global groups, not averaged
     optimizer.zero_grad()
     # Lightning runs training_step under autocast with bf16-mixed; GRAIN.backward turns it off
     # for the Gram and d itself.
@@ -128,12 +131,14 @@ def _check(module: Any) -> Any:
     if trainer is None:
         return None
     if trainer.world_size > 1:
-        raise RuntimeError(
-            f"grain_step runs in one process, got world_size={trainer.world_size}: Lightning's "
-            "DDP would average the ranks' gradients instead of GRAIN; use "
-            "GRAIN(model, num_groups=m, process_group=dist.group.WORLD) in a torchrun loop "
-            "(examples/ddp_train.py), or Trainer(devices=1)"
-        )
+        from lightning.pytorch.strategies import DDPStrategy
+
+        if not isinstance(trainer.strategy, DDPStrategy):
+            raise RuntimeError(
+                f"grain_step runs under Lightning's DDP strategies (ddp, ddp_spawn, ...), got "
+                f"{type(trainer.strategy).__name__}: GRAIN exchanges the ranks' group gradients "
+                "itself; use strategy='ddp', or build GRAIN on an FSDP2 model in a torchrun loop"
+            )
     if getattr(trainer.precision_plugin, "scaler", None) is not None:
         raise RuntimeError(
             f"precision={trainer.precision!r} uses a GradScaler, which GRAIN does not drive "
