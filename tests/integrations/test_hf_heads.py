@@ -143,7 +143,6 @@ def test_missing_labels_are_named(tmp_path: Path) -> None:
     ("setting", "value", "message"),
     [
         ("deepspeed", "ds_config.json", "DeepSpeed.*torchrun"),
-        ("fsdp", "full_shard", "FSDP.*sharded parameters.*torchrun"),
         ("_n_gpu", 2, "n_gpu=2.*CUDA_VISIBLE_DEVICES"),
         ("fp16", True, "fp16=True.*bf16=True"),
         ("torch_compile", True, "torch_compile=True.*grain_engine='loop'"),
@@ -160,6 +159,14 @@ def test_unsupported_settings_are_refused_before_the_model_is_touched(
     with pytest.raises(ValueError, match=message):
         GrainTrainer(model, args, num_groups=2)
     assert sum(len(m._forward_hooks) for m in model.modules()) == hooks  # no GRAIN was built
+
+
+def test_fsdp1_is_refused_naming_fsdp2(tmp_path: Path) -> None:
+    args = _tiny.args(tmp_path)
+    object.__setattr__(args, "fsdp", "full_shard")  # set after validation: one process here
+    object.__setattr__(args, "fsdp_config", {"version": 1})
+    with pytest.raises(ValueError, match=r"FSDP2 only.*version 1.*'version': 2"):
+        GrainTrainer(_tiny.bert_classifier(), args, num_groups=2)
 
 
 def test_bad_grain_options_are_refused(tmp_path: Path) -> None:

@@ -1,5 +1,8 @@
 """GrainTrainer under ``torchrun`` with 2 Gloo processes: every rank's groups are global groups,
-the ranks stay identical, the main process logs and saves, and a resumed run continues exactly."""
+the ranks stay identical, the main process logs and saves, and a resumed run continues exactly.
+FSDP2: accelerate shards a model only on GPUs (``MULTI_CPU`` ignores its FSDP plugin), so here
+the model is sharded as accelerate would shard it, over a 1-rank CPU mesh, after GrainTrainer was
+built: GRAIN is rebuilt on the shards and the run ends where the unsharded one does."""
 
 from __future__ import annotations
 
@@ -10,6 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor
+
+from tests import _dist
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "integrations" / "_trainer_ranks.py"
@@ -63,3 +69,38 @@ def test_a_resumed_run_continues_exactly(
     for r, s in zip(resumed, ranks, strict=True):
         for p, q in zip(r["params"], s["params"], strict=True):  # type: ignore[call-overload]
             assert torch.equal(p, q)
+
+
+def _sharded_after_construction(rank: int, world: int, out: str, shard: bool) -> list[Tensor]:
+    """GrainTrainer built on the plain model; the model is then sharded by FSDP2 (as accelerate
+    does when Trainer prepares it) before training: GRAIN is rebuilt on the shards."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from tests.integrations import _tiny
+    from torchgrain.integrations.hf import GrainTrainer
+
+    model = _tiny.bert_classifier()
+    args = _tiny.args(Path(out), max_steps=3, per_device_train_batch_size=4)
+    trainer = GrainTrainer(model, args, train_dataset=_tiny.classification_data(), num_groups=2)
+    if shard:
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.bert.encoder.layer:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    trainer.train()
+    assert trainer.grain._sharded == shard and trainer.grain.step == 3
+    return [_full(p) for p in model.parameters()]
+
+
+def _full(p: Tensor) -> Tensor:
+    full = getattr(p, "full_tensor", None)
+    return (p if full is None else full()).detach().clone()
+
+
+def test_grain_is_rebuilt_when_the_model_is_sharded_after_construction(tmp_path: Path) -> None:
+    plain = _dist.run(_sharded_after_construction, 1, tmp_path, str(tmp_path), False)[0]
+    sharded = _dist.run(_sharded_after_construction, 1, tmp_path, str(tmp_path), True)[0]
+    assert isinstance(sharded, list), sharded
+    for p, q in zip(sharded, plain, strict=True):
+        assert float((p - q).abs().max()) <= 1e-6

@@ -14,13 +14,17 @@ def refuse_unsupported(args: Any, engine: str) -> None:
     if getattr(args, "deepspeed", None):
         raise ValueError(
             f"GrainTrainer does not run under DeepSpeed (deepspeed={args.deepspeed!r}): ZeRO "
-            f"partitions and reduces the gradients GRAIN combines; drop deepspeed=, and {ddp_hint}"
+            f"partitions and reduces the gradients GRAIN combines; drop deepspeed= (FSDP2 "
+            f"shards too: fsdp='full_shard'), or {ddp_hint}"
         )
     if getattr(args, "fsdp", None):
-        raise ValueError(
-            f"GrainTrainer does not run under FSDP (fsdp={args.fsdp!r}): GRAIN does not yet "
-            f"combine group gradients of sharded parameters; drop fsdp=, and {ddp_hint}"
-        )
+        version = int((getattr(args, "fsdp_config", None) or {}).get("version", 2))
+        if version != 2:
+            raise ValueError(
+                f"GrainTrainer runs under FSDP2 only, got fsdp_config version {version}: FSDP1 "
+                "flattens the parameters into buffers GRAIN cannot split by parameter; set "
+                "fsdp_config={'version': 2} (fully_shard), or drop fsdp= and " + ddp_hint
+            )
     if args.n_gpu > 1:
         raise ValueError(
             f"GrainTrainer runs one device per process, got n_gpu={args.n_gpu} "

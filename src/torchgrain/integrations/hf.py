@@ -30,7 +30,12 @@ forward runs on the model Trainer wrapped in DDP, not through the wrapper, whose
 runs. Every rank ends each step with the same ``.grad`` and the same parameters; Trainer logs and
 saves from the main process, and ``grain_state.pt`` is written there.
 
-Refused at construction, each with the setting to change: DeepSpeed, FSDP, ``nn.DataParallel``,
+FSDP2 (``fsdp="full_shard"``; transformers 5 uses FSDP2 by default): ``Trainer`` shards the model
+when training starts, and GRAIN is rebuilt on the sharded parameters at the first step (its state
+carried over); each rank's ``.grad`` is then its DTensor shard of ``d``
+(:class:`torchgrain.exchange.ShardedExchange`).
+
+Refused at construction, each with the setting to change: DeepSpeed, FSDP1, ``nn.DataParallel``,
 ``fp16`` (its GradScaler's overflow handling would fight GRAIN's NaN check: use ``bf16``),
 ``torch_compile`` with the fused engine (``grain_engine="loop"`` compiles), LOMO optimizers (they
 fuse the update into ``backward``), a ``compute_loss_func`` (it returns a mean: override
@@ -165,10 +170,16 @@ class GrainTrainer(Trainer):
         self.grain_key = grain_key
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         refuse_unsupported(self.args, grain_engine)
-        if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
+        if getattr(self, "is_deepspeed_enabled", False):
             raise ValueError(
-                "GrainTrainer does not run under DeepSpeed or FSDP (the accelerate config "
-                "enables one): GRAIN needs every group's full gradient; launch without them"
+                "GrainTrainer does not run under DeepSpeed (the accelerate config enables it): "
+                "ZeRO partitions and reduces the gradients GRAIN combines; use FSDP2 or DDP"
+            )
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if plugin is not None and getattr(plugin, "fsdp_version", 1) != 2:
+            raise ValueError(
+                "GrainTrainer runs under FSDP2 only, and the accelerate config enables FSDP1: set "
+                "fsdp_version: 2 (fully_shard) in the config, or launch without FSDP"
             )
         overridden = (
             type(self).compute_per_sample_losses is not GrainTrainer.compute_per_sample_losses
@@ -235,6 +246,11 @@ class GrainTrainer(Trainer):
         if self.grain._module is not self._grain_model:  # model_init gave Trainer a new model
             self.grain.close()
             self.grain = GRAIN(self._grain_model, **self._grain_options)
+        elif self.grain._stale():  # FSDP2 sharded the model when Trainer prepared it
+            state = self.grain.state_dict()  # a resumed checkpoint's, or the fresh one
+            self.grain.close()
+            self.grain = GRAIN(self._grain_model, **self._grain_options)
+            self.grain.load_state_dict(state)
         model.train()
         optimizer: Any = self.optimizer
         if hasattr(optimizer, "train") and callable(optimizer.train):
