@@ -163,7 +163,18 @@ def test_a_rank_that_dies_makes_the_others_raise_within_the_timeout(tmp_path: Pa
     assert results[0]["seconds"] < 10.0 + 5.0  # the process group's timeout, and some slack
 
 
-def test_torchrun_example_from_the_readme() -> None:
+@pytest.mark.parametrize(
+    ("example", "says"),
+    [
+        ("ddp_train.py", "every rank holds the same .grad"),
+        ("fsdp_train.py", "rank 1 holds rows (16, 10) of (32, 10)"),
+    ],
+)
+def test_torchrun_examples_from_the_readme(example: str, says: str) -> None:
+    assert (
+        f"torchrun --standalone --nproc_per_node=2 examples/{example}"
+        in (ROOT / "README.md").read_text()
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     done = subprocess.run(
         [
@@ -172,7 +183,7 @@ def test_torchrun_example_from_the_readme() -> None:
             "torch.distributed.run",
             "--standalone",
             "--nproc_per_node=2",
-            str(ROOT / "examples" / "ddp_train.py"),
+            str(ROOT / "examples" / example),
         ],
         capture_output=True,
         text=True,
@@ -181,4 +192,4 @@ def test_torchrun_example_from_the_readme() -> None:
         cwd=ROOT,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "rank 0: loss" in done.stdout and "every rank holds the same .grad" in done.stdout
+    assert "rank 0: loss" in done.stdout and says in done.stdout

@@ -20,8 +20,13 @@ It does not go through ``self.manual_backward``: GRAIN's backward is ``torch.aut
 the per-sample losses, not ``loss.backward()``, so the ``on_before_backward`` /
 ``on_after_backward`` hooks are not called. Precision: ``32``, ``64`` and ``bf16-mixed`` work;
 ``16-mixed`` is refused (its GradScaler would need GRAIN to scale the losses and to report overflow
-to the scaler rather than skip), as is data parallel over several devices or nodes (use
-``GRAIN(process_group=...)`` in a plain ``torchrun`` loop: ``examples/ddp_train.py``).
+to the scaler rather than skip).
+
+Several devices or nodes: under Lightning's DDP strategies (``strategy="ddp"``, ``ddp_spawn``,
+...) every rank's groups are global groups of one GRAIN step; a GRAIN built without
+``process_group`` (in ``__init__``, before Lightning starts the process group) is bound to
+``WORLD`` at the first ``grain_step``, and DDP's own all-reduce never runs. Other multi-device
+strategies (FSDP, DeepSpeed) are refused.
 
 Example:
     >>> import lightning, torch
