@@ -2,6 +2,7 @@
 
     python benchmarks/distributed.py --model bert-small --world 2 --groups 1 4
     python benchmarks/distributed.py --model mlp --world 2 3 4 --groups 1 2 4
+    python benchmarks/distributed.py --model bert-small --world 2 --groups 1 2 4 --fsdp
 
 Each of W processes (one thread each) holds one copy of the model per method, with the same
 weights: DDP (the mean gradient, all-reduced in buckets during the backward) and GRAIN with m groups
@@ -14,9 +15,15 @@ Models: ``bert-small`` is the BERT-like encoder of ``benchmarks/step.py`` (4 lay
 vocabulary 30,522, every parameter trained) on B x T tokens per rank (default 8 x 64); ``mlp`` is a
 4-layer MLP of width 1024 on B = 32 samples per rank.
 
-Bytes are the payload each rank sends, by the algorithm: ``2 P (W-1)/W`` for a ring all-reduce of
-P values; GRAIN counts its own as it sends (``(m + 1) P (W-1)/W`` with m groups per rank, less
-where an embedding's rows are untouched by every rank).
+With ``--fsdp`` every copy is sharded by FSDP2 (each layer, then the root) and the baseline is
+FSDP's own backward, which reduce-scatters the mean gradient; GRAIN's ``.grad`` is then each
+rank's shard too.
+
+Bytes are the gradient payload each rank sends, by the algorithm: ``2 P (W-1)/W`` for a ring
+all-reduce of P values, ``P (W-1)/W`` for a reduce-scatter; GRAIN counts its own as it sends
+(replicated: ``(m + 1) P (W-1)/W`` with m groups per rank, less where an embedding's rows are
+untouched by every rank; sharded: ``m P (W-1)/W``). The parameters' all-gathers under FSDP are the
+same for both and not counted.
 """
 
 from __future__ import annotations
@@ -68,6 +75,21 @@ def _problem(args: argparse.Namespace, rank: int):  # type: ignore[no-untyped-de
     return model, lambda net: shared._losses(args, net, ids, labels)
 
 
+def _shard(model: torch.nn.Module, kind: str, world: int) -> torch.nn.Module:
+    """FSDP2 over a CPU mesh: each layer (the MLP's Linears, the encoder's BertLayers), then the
+    root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    layers = model.bert.encoder.layer if kind == "bert-small" else model  # type: ignore[union-attr]
+    for layer in layers:  # type: ignore[union-attr]
+        if kind == "bert-small" or isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -83,15 +105,25 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     numel = sum(p.numel() for p in base.parameters())
     steps, sent = {}, {}
 
-    ddp = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(base))
+    if args.fsdp:  # FSDP2 shards every layer and the root; its backward reduce-scatters
+        baseline = _shard(copy.deepcopy(base), args.model, world)
 
-    def ddp_step() -> None:
-        losses_of(ddp).mean().backward()
+        def baseline_step() -> None:
+            losses_of(baseline).mean().backward()
 
-    steps["ddp"] = (ddp, ddp_step)
-    sent["ddp"] = lambda: 2 * numel * (world - 1) // world * 4
+        sent["ddp"] = lambda: numel * (world - 1) // world * 4
+    else:
+        baseline = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(base))
+
+        def baseline_step() -> None:
+            losses_of(baseline).mean().backward()
+
+        sent["ddp"] = lambda: 2 * numel * (world - 1) // world * 4
+    steps["ddp"] = (baseline, baseline_step)
     for m in args.groups:
         model = copy.deepcopy(base)
+        if args.fsdp:
+            model = _shard(model, args.model, world)
         grain = torchgrain.GRAIN(model, num_groups=m, process_group=dist.group.WORLD)
 
         def grain_step(model=model, grain=grain) -> None:  # type: ignore[no-untyped-def]
@@ -139,13 +171,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, help="samples per rank (bert-small 8, mlp 32)")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per sample (bert-small)")
     parser.add_argument("--rounds", type=int, default=12, help="timed rounds (one step each)")
+    parser.add_argument(
+        "--fsdp", action="store_true", help="shard by FSDP2: GRAIN against FSDP's own backward"
+    )
     args = parser.parse_args(argv)
     args.batch = args.batch or (8 if args.model == "bert-small" else 32)
     args.narrow = args.autocast = False
     os.environ["OMP_NUM_THREADS"] = "1"
 
-    print("| W | method | step time (rank 0) | vs DDP (median) | middle half | bytes sent per rank "
-          "| vs DDP |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    plain = "FSDP2" if args.fsdp else "DDP"
+    print(f"| W | method | step time (rank 0) | vs {plain} (median) | middle half | bytes sent per "
+          f"rank | vs {plain} |\n|---|---|---|---|---|---|---|")  # fmt: skip
     numel = 0
     for world in args.world:
         with tempfile.TemporaryDirectory() as tmp:
@@ -162,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, times in seconds.items():
             ratios = sorted(t / d for t, d in zip(times, seconds["ddp"], strict=True))
             q1, _, q3 = statistics.quantiles(ratios, n=4)
-            label = "DDP all-reduce" if name == "ddp" else f"GRAIN, {name[5:]} group(s)/rank"
+            plain = "FSDP2 reduce-scatter" if args.fsdp else "DDP all-reduce"
+            label = plain if name == "ddp" else f"GRAIN, {name[5:]} group(s)/rank"
             print(
                 f"| {world} | {label} | {statistics.median(times) * 1e3:.1f} ms "
                 f"| {statistics.median(ratios):.2f}x | [{q1:.2f}, {q3:.2f}] "
@@ -171,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             )
     shape = f"{args.batch} x {args.tokens} tokens" if args.model == "bert-small" else args.batch
     print(
-        f"\n{args.model}: P = {numel} parameters, B = {shape} per rank, Gloo, 1 thread per "
-        f"process, {args.rounds} rounds"
+        f"\n{args.model}{' sharded by FSDP2' if args.fsdp else ''}: P = {numel} parameters, "
+        f"B = {shape} per rank, Gloo, 1 thread per process, {args.rounds} rounds"
     )
     return 0
 
