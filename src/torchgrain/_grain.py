@@ -94,8 +94,12 @@ class GRAIN:
         memory_budget: bytes of group gradients the fused engine may keep per step (default
             1 GiB); past it, layers recompute ``d`` from their kept inputs and output gradients
             (one more weight-gradient GEMM, little memory). ``0`` keeps none. Inside
-            :meth:`accumulate` and under ``process_group`` every group gradient is kept whatever
-            the budget: they are held to the block's end or exchanged.
+            :meth:`accumulate` and across data-parallel ranks every group gradient is computed
+            whatever the budget: they are held to the block's end, or streamed to the other
+            ranks as they are finished. On an FSDP2 model, a step whose ``m`` full-size group
+            gradients exceed the budget takes the low-memory mode (the Gram from the streamed
+            shards, then ``d`` through FSDP's own backward: one more backward pass; see
+            :mod:`torchgrain.exchange`).
         nonfinite: on NaN/Inf losses or gradients, ``"raise"`` a :class:`NonFiniteError` or
             ``"skip"`` the step (``.grad`` untouched, ``stats.skipped`` True: skip
             ``optimizer.step()`` too). Never a NaN step.
@@ -113,8 +117,9 @@ class GRAIN:
         process_group: a ``torch.distributed`` process group (e.g. ``dist.group.WORLD``) for
             data-parallel training: every rank's groups are global groups, and after
             ``backward`` every rank holds the same ``.grad`` (see
-            :mod:`torchgrain.exchange`). ``None``: single process. Do not also
-            wrap the model in DDP: GRAIN does the gradient exchange.
+            :mod:`torchgrain.exchange`). ``None``: single process, or for a model sharded by
+            FSDP2's ``fully_shard`` its mesh's group (every rank's ``.grad`` is then its DTensor
+            shard of ``d``). Do not also wrap the model in DDP: GRAIN does the gradient exchange.
 
     Example:
         >>> import torch
@@ -178,6 +183,7 @@ class GRAIN:
         self.names, self.params = _collect_params(model_or_params)
         self._sharded = any(is_sharded(p) for p in self.params)  # by FSDP2's fully_shard
         self._signature = self._current_signature()
+        self.memory_budget = memory_budget
         self._engine: Engine = (
             FusedEngine(model_or_params, memory_budget)  # type: ignore[arg-type]
             if engine == "fused"
@@ -308,11 +314,10 @@ class GRAIN:
                 f"group ids must lie in [0, {m}), got ids from {low} to {high}; "
                 f"use ids 0..{m - 1} or raise num_groups"
             )
-        if not finite:
-            if self._acc is None and self._exchange is None:
-                return self._nonfinite(sizes, "losses contain NaN or Inf")
-            # A collective step learns of it through the part (no backward of NaN losses).
+        if not finite and self._acc is not None:  # the block learns of it at its end
             return self._collect(_Part([], sizes[sizes > 0], False, {}), m, sizes)
+        if not finite and self._exchange is None:
+            return self._nonfinite(sizes, "losses contain NaN or Inf")
         kept = [k for k, count in enumerate(counts) if count > 0]  # the non-empty groups
         present = torch.tensor(kept, device=ids.device)  # (m',)
         if len(kept) < m:  # renumber the non-empty groups 0..m'-1 (order kept: still sorted)
@@ -323,22 +328,17 @@ class GRAIN:
             ids, sizes[present], tuple(counts[k] for k in kept), bool(ordered)
         )
 
+        if self._exchange is not None and self._acc is None:
+            return self._across_ranks(losses, groups_present, sizes[present], bool(finite))
+
         engine = self._engine
-        collective = self._acc is not None or self._exchange is not None
+        collective = self._acc is not None  # accumulation: the group gradients are kept
         with self._graph_params() as params:  # FSDP: its units unsharded until the rules ran
             gram_present = engine.gram(  # (m', m')
                 losses, groups_present, params, keep_groups=collective
             )
             fallback = dict(getattr(engine, "fallback", {}))
-            unreached = [
-                name for name, hit in zip(self.names, engine.reached(), strict=True) if not hit
-            ]
-            if unreached and not self.allow_unused:
-                raise ValueError(
-                    f"parameters {shorten(unreached)} received no gradient from the losses; pass "
-                    "only the parameters the loss uses, freeze them (requires_grad_(False)) "
-                    "before building GRAIN, or set allow_unused=True"
-                )
+            self._check_reached()
             # Host sync: the (m', m') Gram comes to the host once, to check it and to solve the
             # QP there (a few hundred microseconds, where a fixed-count masked solve on the
             # device would cost ~30 kernel launches per iteration).
@@ -349,6 +349,7 @@ class GRAIN:
             part = _Part(grads, sizes[present], ok, fallback)
             if self._acc is None or not ok:
                 return self._collect(part, m, sizes)
+            assert self._acc is not None
             # this micro-batch's own diagnostics
             local = self._solve(gram_host, sizes, present, groups_present.counts)
             self._acc.parts.append(part)  # after the solve: if it raises, the block is unchanged
@@ -366,11 +367,80 @@ class GRAIN:
             solution.weights, gram_present, sizes, present, solution, seconds, engine.name, fallback
         )
 
+    def _check_reached(self) -> None:
+        """After the engine's ``gram``: every parameter got a gradient, or ``allow_unused``."""
+        reached = self._engine.reached()
+        unreached = [name for name, hit in zip(self.names, reached, strict=True) if not hit]
+        if unreached and not self.allow_unused:
+            raise ValueError(
+                f"parameters {shorten(unreached)} received no gradient from the losses; pass only "
+                "the parameters the loss uses, freeze them (requires_grad_(False)) before building "
+                "GRAIN, or set allow_unused=True"
+            )
+
+    def _across_ranks(
+        self, losses: Tensor, groups: GroupIndex, sizes: Tensor, finite: bool
+    ) -> GrainStats:
+        """One step whose groups are every rank's (``sizes``: this rank's non-empty ones): agree
+        before the backward, stream the group gradients to the other ranks as the engine
+        finishes them, Gram, solve, then combine — or, in FSDP2's low-memory mode, a second
+        backward of the re-weighted losses through FSDP's own reduce-scatter."""
+        exchange, engine = self._exchange, self._engine
+        assert exchange is not None
+        agreement = exchange.agree(sizes, finite)
+        everyone = agreement.sizes  # (W * slots,) every rank's group sizes
+        if not agreement.ok:  # no rank runs a backward
+            return self._nonfinite(everyone, "losses contain NaN or Inf on some rank")
+        low_memory = exchange.sharded and self._over_budget(groups.m)
+        stream = exchange.stream(agreement, self.params, keep=not low_memory)
+        with self._graph_params() as params:  # FSDP: its units unsharded until the step is done
+            engine.gram(
+                losses, groups, params, keep_groups=True, sink=stream.add, retain_graph=low_memory
+            )
+            fallback = dict(getattr(engine, "fallback", {}))
+            gram = stream.close()  # every rank's collectives done before any check can raise
+            self._check_reached()
+            present = (everyone > 0).nonzero().squeeze(-1)
+            gram_present = gram[present][:, present]
+            gram_host = gram_present.cpu()  # the same bits on every rank: they all agree on it
+            if not bool(torch.isfinite(gram_host).all()):
+                return self._nonfinite(everyone, "gradients contain NaN or Inf on some rank")
+            started = time.perf_counter()
+            solution = self._solve(gram_host, everyone, present)
+            seconds = time.perf_counter() - started
+            weights = torch.zeros(len(everyone), dtype=torch.float64)  # (W * slots,)
+            weights[present.cpu()] = solution.weights
+            if low_memory:
+                self._reweighted_backward(losses, groups, weights, agreement.slots)
+                self.step += 1
+            else:
+                self._write(exchange.combine(weights.to(everyone.device)))
+        return self._stats(
+            solution.weights, gram_present, everyone, present, solution, seconds, engine.name,
+            fallback,
+        )  # fmt: skip
+
+    def _over_budget(self, m: int) -> bool:
+        """Whether ``m`` full-size group gradients of every parameter exceed ``memory_budget``."""
+        size = sum(p.numel() * max(p.element_size(), 4) for p in self.params)
+        return m * size > self.memory_budget
+
+    def _reweighted_backward(
+        self, losses: Tensor, groups: GroupIndex, weights: Tensor, slots: int
+    ) -> None:
+        """FSDP2's low-memory mode: ``d`` through FSDP's own backward. This rank's part of
+        ``d = sum_k w_k grad L_k`` is the gradient of ``sum_i w_{k(i)} / |S_k| l_i``; FSDP
+        reduce-scatters the mean over the W ranks, hence the factor W."""
+        exchange = self._exchange
+        assert exchange is not None
+        mine = weights[exchange.rank * slots : exchange.rank * slots + groups.m]  # (m',)
+        counts = torch.tensor(groups.counts, dtype=torch.float64)  # (m',)
+        per_group = (mine / counts * exchange.world).to(losses.device, losses.dtype)
+        (losses * per_group[groups.ids]).sum().backward()
+
     def _collect(self, part: _Part, m: int, sizes: Tensor) -> GrainStats:
-        """A step's contribution to a collective step: kept for the end of the accumulation
-        block, or exchanged across ranks now."""
-        if self._acc is None:
-            return self._apply([part], self._engine.name)
+        """A micro-batch's contribution to its accumulation block's step."""
+        assert self._acc is not None
         self._acc.parts.append(part)
         return skipped_stats(
             m, sizes, "NaN or Inf in this micro-batch", self._engine.name, self._aggregator_name
@@ -385,11 +455,14 @@ class GRAIN:
         fallback = {k: v for part in parts for k, v in part.fallback.items()}
         grads = self._join(parts, counts) if ok else []
         if self._exchange is not None:
-            agreement = self._exchange.agree(grads, sizes, ok, self.params)
+            agreement = self._exchange.agree(sizes, ok)
             sizes = agreement.sizes  # (W * slots,) every rank's groups
             if not agreement.ok:
                 return self._nonfinite(sizes, "NaN or Inf on some rank")
-            gram = self._exchange.gram(grads, agreement, self.params)
+            stream = self._exchange.stream(agreement, self.params)
+            for i, g in enumerate(grads):
+                stream.add(i, g)
+            gram = stream.close()
         else:
             if not ok:
                 return self._nonfinite(sizes, "NaN or Inf in some micro-batch")

@@ -45,12 +45,17 @@ def _shard(model: nn.Module, world: int) -> nn.Module:
     return model
 
 
-def _worker(rank: int, world: int, engine: str, m: int, steps: int) -> dict[str, object]:
+def _worker(
+    rank: int, world: int, engine: str, m: int, steps: int, budget: float
+) -> dict[str, object]:
     from torch.distributed.tensor import DTensor
 
     model = _shard(_model(), world)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    grain = torchgrain.GRAIN(model, num_groups=m, engine=engine, process_group=dist.group.WORLD)
+    grain = torchgrain.GRAIN(
+        model, num_groups=m, engine=engine, process_group=dist.group.WORLD, memory_budget=budget
+    )
+    assert grain._over_budget(m) == (budget == 0)  # the low-memory mode, or the keep mode
     x, y = _data(rank)
     first = None
     for _ in range(steps):
@@ -92,10 +97,21 @@ def _reference(world: int, m: int, steps: int) -> tuple[list[torch.Tensor], list
     return first, [p.detach().clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize(("engine", "m"), [("fused", 3), ("fused", 1), ("loop", 2)])
-def test_fsdp2_shards_equal_single_process_grain(engine: str, m: int, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("engine", "m", "budget"),
+    [
+        ("fused", 3, 1 << 30),
+        ("fused", 1, 1 << 30),
+        ("loop", 2, 1 << 30),
+        ("fused", 3, 0),  # the low-memory mode: FSDP's own reduce-scatter of the re-weighted loss
+        ("loop", 2, 0),
+    ],
+)
+def test_fsdp2_shards_equal_single_process_grain(
+    engine: str, m: int, budget: float, tmp_path: Path
+) -> None:
     steps = 3
-    results = _dist.run(_worker, 2, tmp_path, engine, m, steps)
+    results = _dist.run(_worker, 2, tmp_path, engine, m, steps, budget)
     for r in results:
         assert "error" not in r, r.get("trace")
         assert r["num_groups"] == 2 * m
@@ -106,26 +122,36 @@ def test_fsdp2_shards_equal_single_process_grain(engine: str, m: int, tmp_path: 
         for got, ref in zip(r["params"], params, strict=True):  # type: ignore[call-overload]
             assert float((got - ref).norm() / ref.norm()) <= 1e-12
     # one group per rank: FSDP's reduce-scatter bytes, each rank's rows of every parameter
-    if m == 1:
+    if m == 1 and budget:
         rows = 4 * 5 + 4 + 4 + 4 + 2 * 8 + 2  # chunks of Linear(5, 8), LayerNorm(8), Linear(8, 3)
         assert results[0]["bytes"] == rows * 1 * 8
 
 
-def _bert_worker(rank: int, world: int) -> dict[str, object]:
-    """A tiny HF BERT, each layer and the root sharded, 2 micro-batches accumulated."""
+def _bert_worker(rank: int, world: int, low_memory: bool) -> dict[str, object]:
+    """A tiny HF BERT, each layer and the root sharded: 2 micro-batches accumulated, or one
+    batch of both in the low-memory mode (the embeddings are the root's: FSDP reduce-scatters
+    them from its end-of-backward callback)."""
     from tests.integrations import _tiny
 
     model = _tiny.bert_classifier().double()
     _shard_bert(model, world)
-    grain = torchgrain.GRAIN(model, num_groups=2)  # process_group: the mesh's
-    with grain.accumulate() as acc:
-        for j in range(2):
-            tokens, labels = _bert_batch(2 * rank + j)
-            grain.backward(per_sample_ce_logits(model, tokens, labels))
-    assert acc.stats is not None
+    if low_memory:
+        grain = torchgrain.GRAIN(model, num_groups=4, memory_budget=0)
+        batches = [_bert_batch(2 * rank + j) for j in range(2)]
+        tokens = torch.cat([b[0] for b in batches])
+        labels = torch.cat([b[1] for b in batches])
+        stats = grain.backward(per_sample_ce_logits(model, tokens, labels))
+    else:
+        grain = torchgrain.GRAIN(model, num_groups=2)  # process_group: the mesh's
+        with grain.accumulate() as acc:
+            for j in range(2):
+                tokens, labels = _bert_batch(2 * rank + j)
+                grain.backward(per_sample_ce_logits(model, tokens, labels))
+        assert acc.stats is not None
+        stats = acc.stats
     return {
         "grads": [p.grad.full_tensor() for p in model.parameters()],  # type: ignore[union-attr]
-        "fallback": acc.stats.fallback,
+        "fallback": stats.fallback,
     }
 
 
@@ -152,10 +178,11 @@ def per_sample_ce_logits(model: nn.Module, tokens: torch.Tensor, labels: torch.T
     return nn.functional.cross_entropy(model(input_ids=tokens).logits, labels, reduction="none")
 
 
-def test_fsdp2_hugging_face_bert_with_accumulation(tmp_path: Path) -> None:
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_fsdp2_hugging_face_bert(low_memory: bool, tmp_path: Path) -> None:
     from tests.integrations import _tiny
 
-    results = _dist.run(_bert_worker, 2, tmp_path)
+    results = _dist.run(_bert_worker, 2, tmp_path, low_memory)
     for r in results:
         assert "error" not in r, r.get("trace")
         assert r["fallback"] == {}  # every parameter by its rule, unsharded for the step

@@ -15,6 +15,7 @@ after every check has passed, so that an error leaves ``.grad`` untouched.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from torch import Tensor
@@ -35,13 +36,21 @@ class Engine(Protocol):
         params: list[Tensor],
         *,
         keep_groups: bool = False,
+        sink: Callable[[int, GroupGrad], None] | None = None,
+        retain_graph: bool = False,
     ) -> Tensor:
         """``(B,)`` losses and groups -> ``(m, m)`` float64 Gram of the group gradients.
 
         ``keep_groups``: :meth:`group_grads` follows (accumulation, ranks), so every group
         gradient is materialised anyway: an engine then keeps them all and takes no shortcut that
         skips them (a Gram block computed without them; with one group, a plain backward where a
-        rule's compact form, an embedding's rows, pays)."""
+        rule's compact form, an embedding's rows, pays).
+
+        ``sink``: with ``keep_groups``, hand each reached parameter's ``(m, ...)`` group
+        gradients to ``sink(index, grad)`` as soon as they are complete, instead of keeping them
+        or adding them to the Gram (the returned Gram is then zero): the exchange across ranks
+        sends them while the engine goes on. ``retain_graph``: keep the autograd graph of
+        ``losses`` for another backward."""
         ...
 
     def reached(self) -> list[bool]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -100,6 +101,8 @@ class FusedEngine:
         params: list[Tensor],
         *,
         keep_groups: bool = False,
+        sink: Callable[[int, GroupGrad], None] | None = None,
+        retain_graph: bool = False,
     ) -> Tensor:
         self._reset()
         self._params, self._groups = params, groups
@@ -108,7 +111,7 @@ class FusedEngine:
         calls, mixing = self.hooks.take()
         if groups.m == 1 and not keep_groups:  # d is the plain gradient, bit for bit
             self._delegate = LoopEngine()
-            return self._delegate.gram(losses, groups, params)
+            return self._delegate.gram(losses, groups, params, retain_graph=retain_graph)
         if mixing:
             reason = "; ".join(sorted(mixing))
             if reason not in self._warned:
@@ -121,7 +124,7 @@ class FusedEngine:
                 )
             self._delegate = LoopEngine()
             self.fallback = {self._name(p): reason for p in params}
-            return self._delegate.gram(losses, groups, params)
+            return self._delegate.gram(losses, groups, params, sink=sink, retain_graph=retain_graph)
 
         group_losses = groups.group_means(losses)  # (m,)
         index = {id(p): i for i, p in enumerate(params)}
@@ -156,21 +159,28 @@ class FusedEngine:
         edges = list({id(c): c for calls_ in rule_params.values() for c, _ in calls_}.values())
         if fallback:
             stacks = per_group_gradients(
-                group_losses, [params[i] for i in fallback], retain_graph=bool(edges)
+                group_losses,
+                [params[i] for i in fallback],
+                retain_graph=retain_graph or bool(edges),
             )
             for i, stack in zip(fallback, stacks, strict=True):
-                if stack is not None:  # reached (uses > 0), so never None in practice
+                if stack is not None and sink is not None:
+                    sink(i, stack)
+                elif stack is not None:  # reached (uses > 0), so never None in practice
                     self._fallback_grads[i] = stack
                     gram += gram_of(stack)
         if edges:
             bks = torch.autograd.grad(
-                group_losses.sum(), [c.edge for c in edges], allow_unused=True
+                group_losses.sum(),
+                [c.edge for c in edges],
+                allow_unused=True,
+                retain_graph=retain_graph,
             )
             bk_of: dict[int, Tensor] = {
                 id(c): None if bk is None else bk.reshape(c.out_shape)
                 for c, bk in zip(edges, bks, strict=True)
             }
-            gram += self._rule_grams(rule_params, bk_of, groups, keep_groups)
+            gram += self._rule_grams(rule_params, bk_of, groups, keep_groups, sink)
         return gram
 
     def _cover(
@@ -205,6 +215,7 @@ class FusedEngine:
         bk_of: dict[int, Tensor],
         groups: GroupIndex,
         keep_all: bool,
+        sink: Callable[[int, GroupGrad], None] | None,
     ) -> Tensor:
         gram = torch.zeros(groups.m, groups.m, dtype=torch.float64, device=groups.ids.device)
         pending: dict[int, GroupGrad | None] = {}
@@ -246,6 +257,10 @@ class FusedEngine:
                 if remaining[i] == 0:  # every call of this parameter is in: its Gram, keep or not
                     total = pending.pop(i)
                     if total is None:
+                        continue
+                    if sink is not None:  # on its way to the other ranks; not kept here
+                        del self._recompute[i]
+                        sink(i, total)
                         continue
                     gram += gram_of(total)
                     size = nbytes(total)

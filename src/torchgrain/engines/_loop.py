@@ -8,6 +8,8 @@ true gradient of its group's loss. It costs m backward passes and keeps the m gr
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -36,6 +38,7 @@ class LoopEngine:
 
     def __init__(self) -> None:
         self._grads: list[Tensor | None] = []  # per parameter: (m, *shape), or None if unreached
+        self._reached_only: list[bool] = []  # after a gram that handed the stacks to a sink
 
     def gram(
         self,
@@ -44,14 +47,21 @@ class LoopEngine:
         params: list[Tensor],
         *,
         keep_groups: bool = False,
+        sink: Callable[[int, GroupGrad], None] | None = None,
+        retain_graph: bool = False,
     ) -> Tensor:
         group_losses = groups.group_means(losses)  # (m,)
         m = group_losses.shape[0]
-        self._grads = per_group_gradients(group_losses, params, retain_graph=False)
+        self._grads = per_group_gradients(group_losses, params, retain_graph=retain_graph)
         gram = torch.zeros(m, m, dtype=torch.float64, device=group_losses.device)  # (m, m)
-        for stack in self._grads:
-            if stack is not None:
+        for i, stack in enumerate(self._grads):
+            if stack is not None and sink is not None:
+                sink(i, stack)
+            elif stack is not None:
                 gram += gram_of(stack)
+        if sink is not None:
+            self._reached_only = [g is not None for g in self._grads]
+            self._grads = []
         return gram
 
     def group_grads(self) -> list[GroupGrad | None]:
@@ -60,9 +70,11 @@ class LoopEngine:
         return list(out)
 
     def release(self) -> None:
-        self._grads = []
+        self._grads, self._reached_only = [], []
 
     def reached(self) -> list[bool]:
+        if not self._grads and self._reached_only:
+            return self._reached_only
         return [g is not None for g in self._grads]
 
     def combine(self, weights: Tensor) -> list[Tensor | None]:

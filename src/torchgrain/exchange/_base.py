@@ -1,5 +1,5 @@
 """What every exchange does: the collectives with their error, the agreement on the groups, the
-all-to-all of packed group-gradient shards with the partial Grams, and the Gram's sum."""
+stream of group-gradient shards (:class:`Stream`), and the Gram's sum in rank order."""
 
 from __future__ import annotations
 
@@ -25,12 +25,11 @@ def exchange_dtype(params: list[Tensor]) -> torch.dtype:
 
 @dataclass
 class Agreement:
-    """What every rank knows after :meth:`RankExchange.agree`, identically."""
+    """What every rank knows after :meth:`Exchange.agree`, identically."""
 
     sizes: Tensor  # (W * slots,) every rank's group sizes, rank-major; empty slots are 0
     counts: list[int]  # groups per rank
-    ok: bool  # every rank's losses and gradients are finite
-    rows: dict[int, Tensor]  # parameter index -> (U,) rows some rank touched (row-sparse ones)
+    ok: bool  # every rank reported a finite step so far
 
     @property
     def slots(self) -> int:
@@ -39,13 +38,16 @@ class Agreement:
 
 class Exchange:
     """The collectives of one GRAIN step over ``process_group``, shared by the replicated and the
-    sharded exchange.
+    sharded exchange. A subclass lays the buckets out (``_plan``), writes one parameter's group
+    gradients into its bucket's send buffer (``_put``) and combines (``combine``).
 
     Args:
         process_group: the ``torch.distributed`` group of the data-parallel ranks.
         row_sparse: indices of the parameters whose group gradients are exchanged on the rows
             some rank touched (embedding weights); the others are exchanged whole.
     """
+
+    sharded = False  # whether each rank ends with its shard of d only (no all-gather)
 
     def __init__(self, process_group: Any, row_sparse: Iterable[int] = ()) -> None:
         if not dist.is_available() or not dist.is_initialized():
@@ -57,9 +59,10 @@ class Exchange:
         self.world = dist.get_world_size(process_group)
         self.rank = dist.get_rank(process_group)
         self.row_sparse = list(row_sparse)
-        self.bytes_sent = 0  # by this rank's payload collectives (2 and 4), last step
-        self.device = torch.device("cpu")  # of the group gradients, set by each step
+        self.bytes_sent = 0  # by this rank's payload collectives, last step
+        self._buckets: list[Any] = []  # the last stream's, for combine
         self._shards: list[Tensor] = []  # per bucket, (W * slots, S_b): my shard of every group
+        self._params: list[Tensor] = []
 
     # ---------------------------------------------------------------------------- collectives
     def _collective(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -82,25 +85,15 @@ class Exchange:
         )
 
     # ---------------------------------------------------------------------------------- agree
-    def agree(
-        self, grads: list[GroupGrad | None], sizes: Tensor, ok: bool, params: list[Tensor]
-    ) -> Agreement:
-        """One ``all_gather``: every rank's group count, finiteness, sizes ``(m_local,)`` and
-        touched embedding rows."""
-        device = sizes.device
+    def agree(self, sizes: Tensor, ok: bool) -> Agreement:
+        """One ``all_gather`` of a few bytes: every rank's group count, whether its step is
+        finite so far, and its group sizes ``(m_local,)``."""
         m = sizes.shape[0]
-        head = torch.zeros(2 + CAPACITY, dtype=torch.int64, device=device)
+        head = torch.zeros(2 + CAPACITY, dtype=torch.int64, device=sizes.device)
         head[0], head[1] = m, int(ok)
         head[2 : 2 + min(m, CAPACITY)] = sizes[:CAPACITY]
-        masks = [
-            touched_rows(grads[i] if ok else None, params[i].shape[0], device)
-            for i in self.row_sparse
-        ]
-        payload = torch.cat([head.view(torch.uint8), *masks])
-        out = payload.new_empty(self.world, payload.numel())
-        self._collective("agreement on the group sizes", dist.all_gather, list(out), payload)
-        width = head.numel() * head.element_size()
-        heads = out[:, :width].contiguous().view(torch.int64)  # (W, 2 + CAPACITY)
+        heads = head.new_empty(self.world, head.numel())
+        self._collective("agreement on the group sizes", dist.all_gather, list(heads), head)
         # Host sync: the group counts decide the shapes of everything that follows.
         counts, oks = zip(*heads[:, :2].tolist(), strict=True)
         slots = max(counts)
@@ -111,46 +104,46 @@ class Exchange:
             padded[:m] = sizes
             everyone = padded.new_empty(self.world, slots)
             self._collective("exchange of the group sizes", dist.all_gather, list(everyone), padded)
-        rows, start = {}, width
+        return Agreement(everyone.reshape(-1), list(counts), all(oks))
+
+    def agree_rows(self, grads: dict[int, GroupGrad], params: list[Tensor]) -> dict[int, Tensor]:
+        """One ``all_gather`` of the row-sparse parameters' touched rows: per parameter, the
+        sorted ``(U,)`` rows some rank touched."""
+        device = params[0].device
+        masks = [touched_rows(grads.get(i), params[i].shape[0], device) for i in self.row_sparse]
+        mine = torch.cat(masks)
+        everyone = mine.new_empty(self.world, mine.numel())
+        self._collective("agreement on the embedding rows", dist.all_gather, list(everyone), mine)
+        rows, start = {}, 0
         for i in self.row_sparse:
             n = params[i].shape[0]
-            rows[i] = out[:, start : start + n].ne(0).any(0).nonzero().squeeze(1)  # (U,) sorted
+            rows[i] = everyone[:, start : start + n].ne(0).any(0).nonzero().squeeze(1)
             start += n
-        return Agreement(everyone.reshape(-1), list(counts), all(oks), rows)
+        return rows
 
-    # -------------------------------------------------------------------------- the two steps
-    def gram(
-        self, grads: list[GroupGrad | None], agreement: Agreement, params: list[Tensor]
-    ) -> Tensor:
-        """This rank's group gradients per parameter -> the global ``(W * slots, W * slots)``
-        float64 Gram, the same bits on every rank."""
+    def stream(self, agreement: Agreement, params: list[Tensor], keep: bool = True) -> Stream:
+        """A :class:`Stream` for this step's group gradients; ``keep``: hold the received shards
+        for :meth:`combine` (else only their partial Gram is computed)."""
+        self._params = params
+        return Stream(self, agreement, params, keep)
+
+    # ------------------------------------------------------------------------ for subclasses
+    def _plan(
+        self, params: list[Tensor], which: list[int], slots: int, rows: dict[int, Tensor]
+    ) -> list[Any]:
+        """Buckets (each with ``.params``, indices, and ``.shard``, columns per rank) over the
+        parameters ``which``, in order."""
+        raise NotImplementedError
+
+    def _put(self, send: Tensor, bucket: Any, i: int, grad: GroupGrad, m: int) -> None:
+        """Write parameter i's ``m`` group gradients into ``send`` ``(W, slots, S_b)``."""
         raise NotImplementedError
 
     def combine(self, weights: Tensor) -> list[Tensor | None]:
         """``(W * slots,)`` global weights -> what each parameter's ``.grad`` receives."""
         raise NotImplementedError
 
-    # ------------------------------------------------------------------------------- shards
-    def _exchange_shards(self, sends: Iterable[Tensor], slots: int) -> Tensor:
-        """Send each ``(W, slots, S_b)`` buffer's slice r to rank r (asynchronously: the next
-        buffer is packed while one travels); keep what arrives, ``(W * slots, S_b)``: every rank's
-        groups on my shard. Returns the partial ``(W * slots, W * slots)`` float64 Gram."""
-        what = "all-to-all of the group-gradient shards"
-        in_flight = []
-        for send in sends:
-            recv = torch.empty_like(send)
-            work = self._collective(what, dist.all_to_all_single, recv, send, async_op=True)
-            in_flight.append((work, send, recv))
-        M = self.world * slots
-        partial = torch.zeros(M, M, dtype=torch.float64, device=self.device)
-        self._shards = []
-        for work, _send, recv in in_flight:
-            self._wait(what, work)
-            shard = recv.reshape(M, -1)  # every rank's groups, my shard of them
-            partial += gram_of(shard)
-            self._shards.append(shard)
-        return partial
-
+    # ------------------------------------------------------------------------------- the Gram
     def _sum_grams(self, partial: Tensor) -> Tensor:
         """One ``all_gather`` of the partial Grams, summed in rank order on every rank: the same
         bits everywhere, so every rank solves the same problem."""
@@ -162,3 +155,94 @@ class Exchange:
         for r in range(1, self.world):
             gram += partials[r]
         return gram
+
+
+_SHARDS = "all-to-all of the group-gradient shards"
+
+
+class Stream:
+    """One step's group gradients on their way to the other ranks, parameter by parameter.
+
+    :meth:`add` writes a parameter's group gradients into its bucket's send buffer as soon as the
+    engine has them (and the engine drops them); a bucket whose parameters are all in travels at
+    once, by an asynchronous ``all_to_all``, while the engine goes on. Buckets travel in bucket
+    order on every rank, whatever order the parameters arrive in, so the collectives match.
+    :meth:`close` sends the rest (a parameter never added is zero), waits for the shards, sums
+    their partial Grams and returns the global Gram. Row-sparse parameters travel last, after
+    one collective agrees on their rows.
+    """
+
+    def __init__(
+        self, exchange: Exchange, agreement: Agreement, params: list[Tensor], keep: bool
+    ) -> None:
+        self.x, self.params, self.keep = exchange, params, keep
+        self.slots, self.m = agreement.slots, agreement.counts[exchange.rank]
+        self.dtype = exchange_dtype(params)
+        self.device = params[0].device
+        sparse = set(exchange.row_sparse)
+        dense = [i for i in range(len(params)) if i not in sparse]
+        self.buckets = exchange._plan(params, dense, self.slots, {})
+        self._owner = {i: b for b, bucket in enumerate(self.buckets) for i in bucket.params}
+        self._missing = [set(bucket.params) for bucket in self.buckets]
+        self._sends: dict[int, Tensor] = {}
+        self._deferred: dict[int, GroupGrad] = {}
+        self._in_flight: list[tuple[Any, Tensor, Tensor]] = []
+
+    def add(self, i: int, grad: GroupGrad | None) -> None:
+        """Parameter i's ``(m_local, ...)`` group gradients."""
+        if grad is None:
+            return
+        b = self._owner.get(i)
+        if b is None:  # row-sparse: waits for the rows' agreement in close()
+            self._deferred[i] = grad
+            return
+        self.x._put(self._send(b), self.buckets[b], i, grad, self.m)
+        self._missing[b].discard(i)
+        while len(self._in_flight) < len(self.buckets) and not self._missing[len(self._in_flight)]:
+            self._launch(len(self._in_flight))
+
+    def close(self) -> Tensor:
+        """Send what is left, wait, and return the global ``(W * slots, W * slots)`` Gram."""
+        while len(self._in_flight) < len(self.buckets):
+            self._launch(len(self._in_flight))
+        if self.x.row_sparse:
+            rows = self.x.agree_rows(self._deferred, self.params)
+            extra = self.x._plan(self.params, self.x.row_sparse, self.slots, rows)
+            self.buckets += extra
+            for bucket in extra:
+                for i in bucket.params:
+                    if i in self._deferred:
+                        send = self._send(len(self._in_flight))
+                        self.x._put(send, bucket, i, self._deferred[i], self.m)
+                self._launch(len(self._in_flight))
+            self._deferred = {}
+        M = self.x.world * self.slots
+        partial = torch.zeros(M, M, dtype=torch.float64, device=self.device)
+        shards = []
+        for work, _send, recv in self._in_flight:
+            self.x._wait(_SHARDS, work)
+            shard = recv.reshape(M, -1)  # every rank's groups, my shard of them
+            partial += gram_of(shard)
+            if self.keep:
+                shards.append(shard)
+        self._in_flight = []
+        size = torch.empty((), dtype=self.dtype).element_size()
+        columns = sum(bucket.shard for bucket in self.buckets)
+        combined = columns if self.keep and not self.x.sharded else 0  # the all-gather of d
+        self.x.bytes_sent = (columns * self.slots + combined) * (self.x.world - 1) * size
+        self.x._buckets, self.x._shards = self.buckets, shards
+        return self.x._sum_grams(partial)
+
+    def _send(self, b: int) -> Tensor:
+        """Bucket b's ``(W, slots, S_b)`` send buffer, zero where nothing is written."""
+        if b not in self._sends:
+            shape = (self.x.world, self.slots, self.buckets[b].shard)
+            self._sends[b] = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        return self._sends[b]
+
+    def _launch(self, b: int) -> None:
+        send = self._send(b)
+        del self._sends[b]
+        recv = torch.empty_like(send)
+        work = self.x._collective(_SHARDS, dist.all_to_all_single, recv, send, async_op=True)
+        self._in_flight.append((work, send, recv))

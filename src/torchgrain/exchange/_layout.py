@@ -36,24 +36,38 @@ class Bucket:
     numel: int  # P_b, columns in all
     shard: int  # S_b = ceil(P_b / W), columns per rank
 
+    def __post_init__(self) -> None:
+        self.where = {seg.param: seg for seg in self.segments}
+
+    @property
+    def params(self) -> list[int]:
+        return [seg.param for seg in self.segments]
+
 
 def plan(
-    params: list[Tensor], rows: dict[int, Tensor], world: int, slots: int, element_size: int
+    params: list[Tensor],
+    which: list[int],
+    rows: dict[int, Tensor],
+    world: int,
+    slots: int,
+    element_size: int,
 ) -> list[Bucket]:
-    """Buckets over ``params`` in order; ``rows``: the agreed rows of the row-sparse ones."""
+    """Buckets over the parameters ``which``, in order; ``rows``: the agreed rows of the
+    row-sparse ones."""
     limit = max(1, BUCKET_BYTES // (slots * element_size))  # columns per bucket
     buckets: list[Bucket] = []
     segments: list[Segment] = []
     start = 0
-    for i, p in enumerate(params):
-        index = rows.get(i)
+    for i in which:
+        p, index = params[i], rows.get(i)
         numel = p.numel() if index is None else index.numel() * (p.numel() // p.shape[0])
         if segments and start + numel > limit:
             buckets.append(Bucket(segments, start, -(-start // world)))
             segments, start = [], 0
         segments.append(Segment(i, start, numel, index))
         start += numel
-    buckets.append(Bucket(segments, start, max(1, -(-start // world))))
+    if segments:
+        buckets.append(Bucket(segments, start, max(1, -(-start // world))))
     return buckets
 
 
@@ -68,28 +82,16 @@ def touched_rows(grad: GroupGrad | None, rows: int, device: torch.device) -> Ten
     return grad.reshape(grad.shape[0], rows, -1).ne(0).any(2).any(0).to(torch.uint8)
 
 
-def pack(
-    bucket: Bucket,
-    grads: list[GroupGrad | None],
-    params: list[Tensor],
-    m: int,
-    slots: int,
-    world: int,
-    dtype: Any,
-) -> Tensor:
-    """The ``(W, slots, S_b)`` send buffer of one bucket: rank r's slice holds shard r of this
-    rank's ``m`` group gradients (slots past m and columns past P_b are zero). One copy of each
-    group gradient, straight into place."""
-    S = bucket.shard
-    send = torch.empty(world, slots, S, dtype=dtype, device=params[0].device)
-    if slots > m:
-        send[:, m:].zero_()
-    if world * S > bucket.numel:
-        _put(send, None, bucket.numel, world * S - bucket.numel, m)
-    for seg in bucket.segments:
-        block = _columns(grads[seg.param], seg, params[seg.param].shape, m, dtype)
-        _put(send, block, seg.start, seg.numel, m)
-    return send
+def put(send: Tensor, seg: Segment, grad: GroupGrad, shape: torch.Size, m: int) -> None:
+    """Write one parameter's ``m`` group gradients into its columns of the bucket's send buffer
+    ``(W, slots, S_b)`` (rank r's slice: shard r), across the shards it spans: one copy."""
+    block = _columns(grad, seg, shape, m, send.dtype)
+    S, done = send.shape[2], 0
+    while done < seg.numel:
+        rank, offset = divmod(seg.start + done, S)
+        take = min(S - offset, seg.numel - done)
+        send[rank, :m, offset : offset + take] = block[:, done : done + take]
+        done += take
 
 
 def unpack(bucket: Bucket, flat: Tensor, params: list[Tensor], out: list[Tensor | None]) -> None:
@@ -105,13 +107,8 @@ def unpack(bucket: Bucket, flat: Tensor, params: list[Tensor], out: list[Tensor 
             out[seg.param] = full.index_copy_(0, seg.rows, piece.view(-1, *p.shape[1:]).to(p.dtype))
 
 
-def _columns(
-    grad: GroupGrad | None, seg: Segment, shape: torch.Size, m: int, dtype: Any
-) -> Tensor | None:
-    """``(m, numel)`` this parameter's group gradients in its layout (a view where possible);
-    ``None`` for zeros."""
-    if grad is None:
-        return None
+def _columns(grad: GroupGrad, seg: Segment, shape: torch.Size, m: int, dtype: Any) -> Tensor:
+    """``(m, numel)`` this parameter's group gradients in its layout (a view where possible)."""
     if seg.rows is None:
         return to_dense(grad, shape).reshape(m, -1).to(dtype)
     if isinstance(grad, Rows):
@@ -120,19 +117,3 @@ def _columns(
         values[:, where] = grad.values
         return values.reshape(m, -1).to(dtype)
     return grad.reshape(m, grad.shape[1], -1)[:, seg.rows].reshape(m, -1).to(dtype)
-
-
-def _put(send: Tensor, block: Tensor | None, start: int, numel: int, m: int) -> None:
-    """Write ``block`` ``(m, numel)`` (or zeros) at columns ``[start, start + numel)`` of the
-    bucket, across the shards it spans."""
-    S = send.shape[2]
-    done = 0
-    while done < numel:
-        rank, offset = divmod(start + done, S)
-        take = min(S - offset, numel - done)
-        target = send[rank, :m, offset : offset + take]
-        if block is None:
-            target.zero_()
-        else:
-            target.copy_(block[:, done : done + take])
-        done += take

@@ -4,12 +4,14 @@ Every rank's local groups are global groups. The Gram needs inner products betwe
 ranks' group gradients, so each bucket of the flat group gradients (see :mod:`._layout`) is
 sharded over the ranks. Per step, four kinds of collective:
 
-1. **agree** — one ``all_gather`` of a few bytes per rank: its number of groups, whether its step is
-   finite (a NaN on one rank makes every rank skip or raise together), its group sizes and, for an
-   embedding, which rows its batch touched;
+1. **agree** — before the backward, one ``all_gather`` of a few bytes per rank: its number of
+   groups, whether its losses are finite (a NaN on one rank makes every rank skip or raise
+   together, before any backward) and its group sizes;
 2. **shards** — per bucket, an asynchronous ``all_to_all``: rank r receives shard r of every rank's
-   groups; the next bucket is packed while one travels, and each shard's partial ``(M, M)`` Gram
-   is computed as it arrives;
+   groups. Each parameter's group gradients are written into their bucket as the engine finishes
+   them, and a full bucket travels while the engine computes the next (:class:`._base.Stream`);
+   each shard's partial ``(M, M)`` Gram is computed as it arrives. Embeddings go last, after one
+   small ``all_gather`` of the rows each rank touched;
 3. **Gram** — one ``all_gather`` of the partial Grams, summed on every rank in rank order, so that
    every rank solves on the same bits;
 4. **combine** — per bucket, each rank combines its shard with the weights and an asynchronous
@@ -23,45 +25,30 @@ rank's batch touched. Each group gradient is copied once, into its send buffer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from torchgrain.engines.rules._base import GroupGrad
-from torchgrain.exchange._base import Agreement, Exchange, exchange_dtype
-from torchgrain.exchange._layout import Bucket, pack, plan, unpack
+from torchgrain.exchange._base import Exchange, exchange_dtype
+from torchgrain.exchange._layout import Bucket, plan, put, unpack
 
 
 class RankExchange(Exchange):
     """The replicated exchange (DDP's place): every rank ends with the whole ``d``."""
 
-    def __init__(self, process_group: Any, row_sparse: Iterable[int] = ()) -> None:
-        super().__init__(process_group, row_sparse)
-        self._buckets: list[Bucket] = []
-        self._params: list[Tensor] = []
+    def _plan(
+        self, params: list[Tensor], which: list[int], slots: int, rows: dict[int, Tensor]
+    ) -> list[Bucket]:
+        size = torch.empty((), dtype=exchange_dtype(params)).element_size()
+        return plan(params, which, rows, self.world, slots, size)
 
-    # ----------------------------------------------------------------------------------- gram
-    def gram(
-        self, grads: list[GroupGrad | None], agreement: Agreement, params: list[Tensor]
-    ) -> Tensor:
-        """Local ``(m_local, ...)`` group gradients per parameter -> the global ``(W * slots,
-        W * slots)`` float64 Gram, the same bits on every rank."""
-        world, slots, m = self.world, agreement.slots, agreement.counts[self.rank]
-        dtype = exchange_dtype(params)
-        size = torch.empty((), dtype=dtype).element_size()
-        self._params, self.device = params, params[0].device
-        self._buckets = plan(params, agreement.rows, world, slots, size)
-        sends = (pack(b, grads, params, m, slots, world, dtype) for b in self._buckets)
-        partial = self._exchange_shards(sends, slots)  # packs lazily: one bucket while one travels
-        self.bytes_sent = sum(b.shard for b in self._buckets) * (slots + 1) * (world - 1) * size
-        return self._sum_grams(partial)
+    def _put(self, send: Tensor, bucket: Bucket, i: int, grad: GroupGrad, m: int) -> None:
+        put(send, bucket.where[i], grad, self._params[i].shape, m)
 
-    # -------------------------------------------------------------------------------- combine
     def combine(self, weights: Tensor) -> list[Tensor | None]:
-        """``(W * slots,)`` global weights -> ``d`` per parameter, equal on all ranks."""
+        """``(W * slots,)`` global weights -> ``d`` per parameter, equal on all ranks: per bucket,
+        my shard of it, then an asynchronous ``all_gather``."""
         in_flight = []
         for bucket, shard in zip(self._buckets, self._shards, strict=True):
             part = weights.to(shard.dtype) @ shard  # (S_b,) my shard of d

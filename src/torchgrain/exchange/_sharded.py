@@ -6,16 +6,25 @@ holds rows chunk r (``torch.chunk``'s split, ``ceil(rows / W)`` rows each, fewer
 end). GRAIN's step on such a model:
 
 1. the forward runs as usual; for GRAIN's backward every FSDP unit is unsharded (all-gathered)
-   once and kept so until the rules have read what they need (:func:`unsharded`), then resharded;
-2. the engine computes this rank's group gradients in their full shapes, exactly as without FSDP;
+   once and kept so until the step is done (:func:`unsharded`), then resharded;
+2. the engine computes this rank's group gradients in their full shapes, exactly as without FSDP,
+   and hands each parameter's to the stream as it finishes it;
 3. **agree** and **Gram** as in the replicated exchange; the shards that travel are cut by rows:
    rank r receives rows chunk r of every rank's group gradients (asynchronous all-to-all, per
    bucket), so its partial Gram is over the parameter rows it owns;
-4. **combine** — each rank combines its own rows. There is no all-gather: that is ``d``'s shard.
+4. **combine** (the keep mode) — each rank combines the rows it received. There is no
+   all-gather: that is ``d``'s shard. Or, in the **low-memory mode**, the received rows are
+   dropped once their partial Gram is in, and ``d`` comes from a second backward of
+   ``sum_i w_{k(i)} / |S_k| l_i`` (times W) through FSDP's own reduce-scatter (the mean over the
+   ranks: FSDP's default), into FSDP's own ``.grad``.
 
-Bytes each rank sends: ``m_local * P (W-1)/W`` — with one group per rank, FSDP's reduce-scatter.
-Memory: the unsharded parameters and the ``m_local`` full-size group gradients during the step
-(the keep mode; gradient memory ``m_local x P`` per rank). An embedding travels whole here.
+Bytes each rank sends: ``m_local * P (W-1)/W`` — with one group per rank, FSDP's reduce-scatter
+(the low-memory mode adds that reduce-scatter). Memory during the step, beyond FSDP's: the
+unsharded parameters, and in the keep mode the received rows of every group (``m_local x P`` per
+rank); in the low-memory mode a bucket or two in flight, at the cost of one more backward. GRAIN
+takes the low-memory mode when ``m_local`` full-size group gradients would exceed its
+``memory_budget`` (outside :meth:`~torchgrain.GRAIN.accumulate`, whose micro-batches are kept to
+the block's end). An embedding travels whole here.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from torchgrain.engines.rules._base import GroupGrad, to_dense
-from torchgrain.exchange._base import Agreement, Exchange, exchange_dtype
+from torchgrain.exchange._base import Exchange, exchange_dtype
 from torchgrain.exchange._layout import BUCKET_BYTES
 
 
@@ -114,61 +123,62 @@ class _Piece:
     width: int  # values per row
 
 
+@dataclass
+class _Bucket:
+    pieces: list[_Piece]
+    shard: int  # S_b, columns per rank
+
+    def __post_init__(self) -> None:
+        self.where = {piece.param: piece for piece in self.pieces}
+
+    @property
+    def params(self) -> list[int]:
+        return [piece.param for piece in self.pieces]
+
+
 class ShardedExchange(Exchange):
     """The sharded exchange (FSDP2's place): every rank ends with its rows of ``d``."""
 
+    sharded = True
+
     def __init__(self, process_group: Any) -> None:
         super().__init__(process_group)
-        self._buckets: list[tuple[list[_Piece], int]] = []  # (pieces, S_b)
-        self._params: list[Tensor] = []
 
-    def _plan(self, params: list[Tensor], slots: int, element_size: int) -> None:
-        limit = max(1, BUCKET_BYTES // (slots * element_size * self.world))  # columns per rank
-        self._buckets = []
+    def _plan(
+        self, params: list[Tensor], which: list[int], slots: int, rows: dict[int, Tensor]
+    ) -> list[_Bucket]:
+        size = torch.empty((), dtype=exchange_dtype(params)).element_size()
+        limit = max(1, BUCKET_BYTES // (slots * size * self.world))  # columns per rank
+        buckets: list[_Bucket] = []
         pieces: list[_Piece] = []
         start = 0
-        for i, p in enumerate(params):
-            rows = p.shape[0] if p.dim() else 1
-            chunk = -(-rows // self.world)
-            width = p.numel() // max(rows, 1)
+        for i in which:
+            p = params[i]
+            n = p.shape[0] if p.dim() else 1
+            chunk, width = -(-n // self.world), p.numel() // max(n, 1)
             if pieces and start + chunk * width > limit:
-                self._buckets.append((pieces, start))
+                buckets.append(_Bucket(pieces, start))
                 pieces, start = [], 0
-            pieces.append(_Piece(i, start, rows, chunk, width))
+            pieces.append(_Piece(i, start, n, chunk, width))
             start += chunk * width
-        self._buckets.append((pieces, max(start, 1)))
+        if pieces:
+            buckets.append(_Bucket(pieces, max(start, 1)))
+        return buckets
 
-    def _pack(
-        self, pieces: list[_Piece], S: int, grads: list[GroupGrad | None], m: int, slots: int
-    ) -> Tensor:
-        """``(W, slots, S_b)``: rank r's slice holds rows chunk r of each parameter's ``m`` group
-        gradients (zero past a parameter's last row, past ``m`` and past the pieces)."""
-        dtype = exchange_dtype(self._params)
-        send = torch.zeros(self.world, slots, S, dtype=dtype, device=self.device)
-        for piece in pieces:
-            grad, p = grads[piece.param], self._params[piece.param]
-            if grad is None:
-                continue
-            dense = to_dense(grad, p.shape).reshape(m, piece.rows, piece.width)
-            for r in range(self.world):
-                low, high = min(r * piece.chunk, piece.rows), min((r + 1) * piece.chunk, piece.rows)
-                n = (high - low) * piece.width
-                if n:
-                    send[r, :m, piece.start : piece.start + n] = dense[:, low:high].reshape(m, n)
-        return send
+    def _put(self, send: Tensor, bucket: _Bucket, i: int, grad: GroupGrad, m: int) -> None:
+        """Rows chunk r of the parameter's ``m`` group gradients into rank r's slice."""
+        piece, shape = bucket.where[i], self._params[i].shape
+        dense = to_dense(grad, shape).reshape(m, piece.rows, piece.width)
+        for r in range(self.world):
+            low, high = self._rows(piece, r)
+            n = (high - low) * piece.width
+            if n:
+                send[r, :m, piece.start : piece.start + n] = dense[:, low:high].reshape(m, n)
 
-    def gram(
-        self, grads: list[GroupGrad | None], agreement: Agreement, params: list[Tensor]
-    ) -> Tensor:
-        """Local full-shape group gradients -> the global float64 Gram, the same on every rank."""
-        world, slots, m = self.world, agreement.slots, agreement.counts[self.rank]
-        size = torch.empty((), dtype=exchange_dtype(params)).element_size()
-        self._params, self.device = params, params[0].device
-        self._plan(params, slots, size)
-        sends = (self._pack(pieces, S, grads, m, slots) for pieces, S in self._buckets)
-        partial = self._exchange_shards(sends, slots)
-        self.bytes_sent = sum(S for _, S in self._buckets) * slots * (world - 1) * size
-        return self._sum_grams(partial)
+    @staticmethod
+    def _rows(piece: _Piece, rank: int) -> tuple[int, int]:
+        """The rows ``[low, high)`` rank holds (``torch.chunk``'s split of dim 0)."""
+        return min(rank * piece.chunk, piece.rows), min((rank + 1) * piece.chunk, piece.rows)
 
     def combine(self, weights: Tensor) -> list[Tensor | None]:
         """``(W * slots,)`` global weights -> per parameter this rank's rows of ``d``, as the
@@ -176,13 +186,12 @@ class ShardedExchange(Exchange):
         from torch.distributed.tensor import DTensor
 
         out: list[Tensor | None] = [None] * len(self._params)
-        for (pieces, _), shard in zip(self._buckets, self._shards, strict=True):
+        for bucket, shard in zip(self._buckets, self._shards, strict=True):
             part = weights.to(shard.dtype) @ shard  # (S_b,) my rows of d
-            for piece in pieces:
+            for piece in bucket.pieces:
                 p: Any = self._params[piece.param]
                 local_shape = p.to_local().shape
-                low = min(self.rank * piece.chunk, piece.rows)
-                high = min((self.rank + 1) * piece.chunk, piece.rows)
+                low, high = self._rows(piece, self.rank)
                 if local_shape[:1] != (high - low,):
                     raise RuntimeError(
                         f"FSDP holds {tuple(local_shape)} of a {tuple(p.shape)} parameter on rank "
