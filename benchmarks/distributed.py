@@ -3,6 +3,8 @@
     python benchmarks/distributed.py --model bert-small --world 2 --groups 1 4
     python benchmarks/distributed.py --model mlp --world 2 3 4 --groups 1 2 4
     python benchmarks/distributed.py --model bert-small --world 2 --groups 1 2 4 --fsdp
+    python benchmarks/distributed.py --model bert-small --world 2 --groups 1 4 --fsdp \
+        --memory-budget 0
 
 Each of W processes (one thread each) holds one copy of the model per method, with the same
 weights: DDP (the mean gradient, all-reduced in buckets during the backward) and GRAIN with m groups
@@ -17,7 +19,8 @@ vocabulary 30,522, every parameter trained) on B x T tokens per rank (default 8 
 
 With ``--fsdp`` every copy is sharded by FSDP2 (each layer, then the root) and the baseline is
 FSDP's own backward, which reduce-scatters the mean gradient; GRAIN's ``.grad`` is then each
-rank's shard too.
+rank's shard too (``--memory-budget 0``: GRAIN's low-memory mode, whose second backward
+reduce-scatters as FSDP does; its bytes here count the group gradients' exchange only).
 
 Bytes are the gradient payload each rank sends, by the algorithm: ``2 P (W-1)/W`` for a ring
 all-reduce of P values, ``P (W-1)/W`` for a reduce-scatter; GRAIN counts its own as it sends
@@ -124,7 +127,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
         model = copy.deepcopy(base)
         if args.fsdp:
             model = _shard(model, args.model, world)
-        grain = torchgrain.GRAIN(model, num_groups=m, process_group=dist.group.WORLD)
+        grain = torchgrain.GRAIN(
+            model, num_groups=m, process_group=dist.group.WORLD, memory_budget=args.memory_budget
+        )
 
         def grain_step(model=model, grain=grain) -> None:  # type: ignore[no-untyped-def]
             grain.backward(losses_of(model))
@@ -173,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=12, help="timed rounds (one step each)")
     parser.add_argument(
         "--fsdp", action="store_true", help="shard by FSDP2: GRAIN against FSDP's own backward"
+    )
+    parser.add_argument(
+        "--memory-budget",
+        type=float,
+        default=1 << 30,
+        help="GRAIN's memory_budget (with --fsdp, 0 takes the low-memory mode)",
     )
     args = parser.parse_args(argv)
     args.batch = args.batch or (8 if args.model == "bert-small" else 32)

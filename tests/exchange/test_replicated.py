@@ -132,3 +132,45 @@ def test_more_groups_per_rank_than_the_first_collective_carries(tmp_path: Path) 
     # its entries are summed in another order (per shard here, per parameter there)
     for got, p in zip(results[0]["grads"], model.parameters(), strict=True):
         assert float((got - p.grad).norm() / p.grad.norm()) <= 1e-8
+
+
+class _WithUnused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.used = mlp().double()
+        self.unused = nn.Linear(3, 4).double()  # reached by no loss: its columns are zeroed
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.used(x)
+
+
+def _unused_worker(rank: int, world: int, bucket: int) -> dict[str, object]:
+    _layout.BUCKET_BYTES = bucket
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,), generator=g)
+    model = _WithUnused()
+    grain = torchgrain.GRAIN(model, num_groups=2, allow_unused=True, process_group=dist.group.WORLD)
+    grain.backward(per_sample_ce(model, x, y))
+    return {"grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()]}
+
+
+@pytest.mark.parametrize("bucket", [1 << 20, 128])
+def test_a_parameter_no_rank_reaches_travels_as_zeros(bucket: int, tmp_path: Path) -> None:
+    results = _dist.run(_unused_worker, 2, tmp_path, bucket)
+    model = _WithUnused()
+    xs, ys = [], []
+    for rank in range(2):
+        g = torch.Generator().manual_seed(rank)
+        xs.append(torch.randn(6, 5, generator=g, dtype=torch.float64))
+        ys.append(torch.randint(0, 3, (6,), generator=g))
+    grain = torchgrain.GRAIN(model, num_groups=4, allow_unused=True, engine="loop")
+    grain.backward(per_sample_ce(model, torch.cat(xs), torch.cat(ys)))
+    for r in results:
+        assert "error" not in r, r.get("trace")
+        for got, p in zip(r["grads"], model.parameters(), strict=True):  # type: ignore[call-overload]
+            if p.grad is None:  # the unused Linear: d is zero there
+                assert got is None or got.abs().max() == 0
+            else:
+                assert float((got - p.grad).norm() / p.grad.norm()) <= 1e-12

@@ -139,6 +139,11 @@ class Exchange:
         """Write parameter i's ``m`` group gradients into ``send`` ``(W, slots, S_b)``."""
         raise NotImplementedError
 
+    def _blank(self, send: Tensor, bucket: Any, written: set[int], m: int) -> None:
+        """Zero what :meth:`_put` did not write in ``send``: slots past ``m``, padding, and the
+        parameters not in ``written``."""
+        raise NotImplementedError
+
     def combine(self, weights: Tensor) -> list[Tensor | None]:
         """``(W * slots,)`` global weights -> what each parameter's ``.grad`` receives."""
         raise NotImplementedError
@@ -185,6 +190,7 @@ class Stream:
         self._owner = {i: b for b, bucket in enumerate(self.buckets) for i in bucket.params}
         self._missing = [set(bucket.params) for bucket in self.buckets]
         self._sends: dict[int, Tensor] = {}
+        self._written: dict[int, set[int]] = {}  # bucket -> the parameters written into it
         self._deferred: dict[int, GroupGrad] = {}
         self._in_flight: list[tuple[Any, Tensor, Tensor]] = []
 
@@ -197,6 +203,7 @@ class Stream:
             self._deferred[i] = grad
             return
         self.x._put(self._send(b), self.buckets[b], i, grad, self.m)
+        self._written.setdefault(b, set()).add(i)
         self._missing[b].discard(i)
         while len(self._in_flight) < len(self.buckets) and not self._missing[len(self._in_flight)]:
             self._launch(len(self._in_flight))
@@ -212,8 +219,9 @@ class Stream:
             for bucket in extra:
                 for i in bucket.params:
                     if i in self._deferred:
-                        send = self._send(len(self._in_flight))
-                        self.x._put(send, bucket, i, self._deferred[i], self.m)
+                        b = len(self._in_flight)
+                        self.x._put(self._send(b), bucket, i, self._deferred[i], self.m)
+                        self._written.setdefault(b, set()).add(i)
                 self._launch(len(self._in_flight))
             self._deferred = {}
         M = self.x.world * self.slots
@@ -234,15 +242,17 @@ class Stream:
         return self.x._sum_grams(partial)
 
     def _send(self, b: int) -> Tensor:
-        """Bucket b's ``(W, slots, S_b)`` send buffer, zero where nothing is written."""
+        """Bucket b's ``(W, slots, S_b)`` send buffer (what nothing writes is zeroed at launch:
+        zeroing it all first would touch every page twice)."""
         if b not in self._sends:
             shape = (self.x.world, self.slots, self.buckets[b].shard)
-            self._sends[b] = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self._sends[b] = torch.empty(shape, dtype=self.dtype, device=self.device)
         return self._sends[b]
 
     def _launch(self, b: int) -> None:
         send = self._send(b)
         del self._sends[b]
+        self.x._blank(send, self.buckets[b], self._written.pop(b, set()), self.m)
         recv = torch.empty_like(send)
         work = self.x._collective(_SHARDS, dist.all_to_all_single, recv, send, async_op=True)
         self._in_flight.append((work, send, recv))

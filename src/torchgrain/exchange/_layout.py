@@ -85,12 +85,32 @@ def touched_rows(grad: GroupGrad | None, rows: int, device: torch.device) -> Ten
 def put(send: Tensor, seg: Segment, grad: GroupGrad, shape: torch.Size, m: int) -> None:
     """Write one parameter's ``m`` group gradients into its columns of the bucket's send buffer
     ``(W, slots, S_b)`` (rank r's slice: shard r), across the shards it spans: one copy."""
-    block = _columns(grad, seg, shape, m, send.dtype)
+    _span(send, seg.start, seg.numel, m, _columns(grad, seg, shape, m, send.dtype))
+
+
+def blank(send: Tensor, bucket: Bucket, written: set[int], m: int) -> None:
+    """Zero what ``put`` did not write: slots past ``m``, the columns past ``P_b`` and the
+    parameters not in ``written``."""
+    if send.shape[1] > m:
+        send[:, m:].zero_()
+    _span(send, bucket.numel, send.shape[0] * send.shape[2] - bucket.numel, m, None)
+    for seg in bucket.segments:
+        if seg.param not in written:
+            _span(send, seg.start, seg.numel, m, None)
+
+
+def _span(send: Tensor, start: int, numel: int, m: int, block: Tensor | None) -> None:
+    """``block`` ``(m, numel)``, or zeros, at the bucket's columns ``[start, start + numel)``,
+    across the shards they span."""
     S, done = send.shape[2], 0
-    while done < seg.numel:
-        rank, offset = divmod(seg.start + done, S)
-        take = min(S - offset, seg.numel - done)
-        send[rank, :m, offset : offset + take] = block[:, done : done + take]
+    while done < numel:
+        rank, offset = divmod(start + done, S)
+        take = min(S - offset, numel - done)
+        target = send[rank, :m, offset : offset + take]
+        if block is None:
+            target.zero_()
+        else:
+            target.copy_(block[:, done : done + take])
         done += take
 
 

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from torchgrain.engines.rules._base import GroupGrad
 from torchgrain.exchange._base import Exchange, exchange_dtype
-from torchgrain.exchange._layout import Bucket, plan, put, unpack
+from torchgrain.exchange._layout import Bucket, blank, plan, put, unpack
 
 
 class RankExchange(Exchange):
@@ -45,6 +45,9 @@ class RankExchange(Exchange):
 
     def _put(self, send: Tensor, bucket: Bucket, i: int, grad: GroupGrad, m: int) -> None:
         put(send, bucket.where[i], grad, self._params[i].shape, m)
+
+    def _blank(self, send: Tensor, bucket: Bucket, written: set[int], m: int) -> None:
+        blank(send, bucket, written, m)
 
     def combine(self, weights: Tensor) -> list[Tensor | None]:
         """``(W * slots,)`` global weights -> ``d`` per parameter, equal on all ranks: per bucket,

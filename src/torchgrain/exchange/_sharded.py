@@ -175,6 +175,22 @@ class ShardedExchange(Exchange):
             if n:
                 send[r, :m, piece.start : piece.start + n] = dense[:, low:high].reshape(m, n)
 
+    def _blank(self, send: Tensor, bucket: _Bucket, written: set[int], m: int) -> None:
+        """Zero the slots past ``m`` and, per parameter and rank, the columns past the rows the
+        rank holds (all of them for a parameter not written)."""
+        if send.shape[1] > m:
+            send[:, m:].zero_()
+        for piece in bucket.pieces:
+            end = piece.start + piece.chunk * piece.width
+            for r in range(self.world):
+                low, high = self._rows(piece, r)
+                n = (high - low) * piece.width if piece.param in written else 0
+                if piece.start + n < end:
+                    send[r, :m, piece.start + n : end].zero_()
+        used = bucket.pieces[-1].start + bucket.pieces[-1].chunk * bucket.pieces[-1].width
+        if used < send.shape[2]:
+            send[:, :m, used:].zero_()
+
     @staticmethod
     def _rows(piece: _Piece, rank: int) -> tuple[int, int]:
         """The rows ``[low, high)`` rank holds (``torch.chunk``'s split of dim 0)."""
