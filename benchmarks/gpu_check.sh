@@ -2,7 +2,8 @@
 # GPU readiness in one prepared run (about 8 minutes at most on one CUDA GPU):
 #   1. the CUDA-marked tests (tests/test_cuda.py): the fused engine against the loop engine in
 #      float64, the device against the CPU, the masked solvers against the host solvers,
-#      bfloat16 autocast, the ghost Gram;
+#      bfloat16 autocast, the ghost Gram; and tests/test_nccl.py: the exchange on NCCL
+#      (replicated, FSDP2 in both memory modes), one rank per GPU, the world size in the test id;
 #   2. the step benchmark on CUDA (plain, keep, book-keeping; TorchJD when installed, at the
 #      MiniLM size) at the MiniLM size and at SmolLM2-135M's size, with LoRA too.
 # Logs and tables go to $OUT (the device tool's folder) or benchmarks/gpu. Without CUDA it says
@@ -26,8 +27,8 @@ step() {  # name, seconds, step.py options...
   timeout "$limit" "$PY" benchmarks/step.py --device cuda --threads 4 --csv "$DEST/step_$name.csv" "$@" \
     2>&1 | tee "$DEST/step_$name.txt" || status=1
 }
-timeout 180 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py 2>&1 \
-  | tee "$DEST/tests.txt" || status=1
+timeout 240 "$PY" -m pytest -q -m cuda -p no:cacheprovider -rA tests/test_cuda.py \
+  tests/test_nccl.py 2>&1 | tee "$DEST/tests.txt" || status=1
 step minilm 130 --model minilm --batch 32 --tokens 128 --groups 8 16 --steps 10 \
   --only plain grain-fused-keep grain-fused-bookkeeping torchjd-groups
 # No TorchJD here: its autogram engine refuses the Llama model ("Some modules had a forward

@@ -1,4 +1,5 @@
-"""Helpers that run a function on W Gloo processes on this CPU (spawned by the tests)."""
+"""Helpers that run a function on W processes (spawned by the tests): Gloo on this CPU, or NCCL
+with one GPU each."""
 
 from __future__ import annotations
 
@@ -29,11 +30,14 @@ def _entry(
     out: str,
     timeout: float,
     args: tuple[Any, ...],
+    backend: str,
 ) -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if backend == "nccl":
+        torch.cuda.set_device(rank)  # one GPU per rank, as torchrun's LOCAL_RANK does
     dist.init_process_group(
-        "gloo",
+        backend,
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world,
@@ -48,12 +52,18 @@ def _entry(
 
 
 def run(
-    fn: Callable[..., Any], world: int, tmp_path: Path, *args: Any, timeout: float = 30.0
+    fn: Callable[..., Any],
+    world: int,
+    tmp_path: Path,
+    *args: Any,
+    timeout: float = 30.0,
+    backend: str = "gloo",
 ) -> list[Any]:
-    """``fn(rank, world, *args)`` on ``world`` processes; their return values, by rank."""
+    """``fn(rank, world, *args)`` on ``world`` processes (Gloo on the CPU; ``"nccl"``: rank r on
+    ``cuda:r``); their return values, by rank."""
     mp.start_processes(
         _entry,
-        args=(world, free_port(), fn, str(tmp_path), timeout, args),
+        args=(world, free_port(), fn, str(tmp_path), timeout, args, backend),
         nprocs=world,
         join=True,
         start_method="spawn",
