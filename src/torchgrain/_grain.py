@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -12,7 +12,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from torchgrain._errors import NonFiniteError, describe, shorten
+from torchgrain._errors import NonFiniteError, shorten
+from torchgrain._inputs import (
+    ParamsLike,
+    autocast_off,
+    check_losses,
+    collect_params,
+    group_ids,
+    local,
+)
 from torchgrain._stats import GrainStats, compute_stats, skipped_stats
 from torchgrain.engines import (
     DEFAULT_MEMORY_BUDGET,
@@ -25,7 +33,6 @@ from torchgrain.engines import (
 from torchgrain.engines.rules._base import GroupGrad, cat, gram_of, weighted_sum
 from torchgrain.exchange import Exchange, RankExchange, ShardedExchange
 from torchgrain.exchange._sharded import check_sharded, is_sharded, unsharded
-from torchgrain.grouping import contiguous_groups, key_groups, random_groups
 from torchgrain.solvers import (
     AggregatorLike,
     Solution,
@@ -36,8 +43,6 @@ from torchgrain.solvers import (
 
 Grouping = Literal["contiguous", "random", "key"]
 NonFinite = Literal["raise", "skip"]
-
-ParamsLike = nn.Module | Iterable[Tensor] | Iterable[tuple[str, Tensor]] | Iterable[dict[str, Any]]
 
 
 class GRAIN:
@@ -180,7 +185,7 @@ class GRAIN:
         self.nonfinite: NonFinite = nonfinite
         self.allow_unused = allow_unused
         self._module = model_or_params if isinstance(model_or_params, nn.Module) else None
-        self.names, self.params = _collect_params(model_or_params)
+        self.names, self.params = collect_params(model_or_params)
         self._sharded = any(is_sharded(p) for p in self.params)  # by FSDP2's fully_shard
         self._signature = self._current_signature()
         self.memory_budget = memory_budget
@@ -286,15 +291,17 @@ class GRAIN:
             # The Gram and d are computed in the gradients' own precision even when the caller is
             # inside an autocast block (Lightning's training_step is): autocast would run the
             # rules' GEMMs in bfloat16.
-            with _autocast_off(losses):
+            with autocast_off(losses):
                 return self._backward(losses, groups, keys)
         finally:
             self._engine.release()  # what the engine still holds (hook records on an error path)
 
     def _backward(self, losses: Tensor, groups: Tensor | None, keys: Tensor | None) -> GrainStats:
-        self._check_losses(losses)
+        check_losses(losses)
         self._check_unchanged()
-        ids, m = self._group_ids(losses, groups, keys)  # (B,), m
+        ids, m = group_ids(  # (B,), m
+            losses, groups, keys, self.num_groups, self.grouping, self._generator
+        )
         # Host sync: one read decides whether the step can go on (finite losses, ids in range)
         # and brings the group sizes and whether the samples come sorted by group.
         in_range = ids.clamp(0, m - 1)  # counted without a sync (bincount reads its max)
@@ -345,11 +352,10 @@ class GRAIN:
             gram_host = gram_present.cpu()
             ok = bool(finite) and bool(torch.isfinite(gram_host).all())
             grads = engine.group_grads() if collective and ok else []
-        if collective:
+        if self._acc is not None:
             part = _Part(grads, sizes[present], ok, fallback)
-            if self._acc is None or not ok:
+            if not ok:
                 return self._collect(part, m, sizes)
-            assert self._acc is not None
             # this micro-batch's own diagnostics
             local = self._solve(gram_host, sizes, present, groups_present.counts)
             self._acc.parts.append(part)  # after the solve: if it raises, the block is unchanged
@@ -497,7 +503,7 @@ class GRAIN:
         for i, p in enumerate(self.params):
             pieces = [part.grads[i] for part in parts]
             grads.append(
-                None if all(g is None for g in pieces) else cat(pieces, counts, p.shape, _local(p))
+                None if all(g is None for g in pieces) else cat(pieces, counts, p.shape, local(p))
             )
         return grads
 
@@ -595,35 +601,10 @@ class GRAIN:
             raise RuntimeError(
                 "the grain.accumulate() block called no grain.backward; nothing was accumulated"
             )
-        with _autocast_off(self.params[0]):
+        with autocast_off(self.params[0]):
             acc.stats = self._apply(acc.parts, self._engine.name)
 
     # ---------------------------------------------------------------------------------- checks
-    def _check_losses(self, losses: Tensor) -> None:
-        if not isinstance(losses, Tensor):
-            raise TypeError(
-                f"losses must be a torch.Tensor of shape (B,), got {type(losses).__name__}"
-            )
-        if losses.dim() != 1:
-            hint = (
-                "a scalar: compute the loss with reduction='none'"
-                if losses.dim() == 0
-                else "reduce the other dims per sample, e.g. losses.flatten(1).mean(dim=1)"
-            )
-            raise ValueError(
-                f"losses must have shape (B,), one loss per sample, "
-                f"got {tuple(losses.shape)}; {hint}"
-            )
-        if losses.shape[0] == 0:
-            raise ValueError("losses is empty (B = 0); pass a batch with at least one sample")
-        if not losses.dtype.is_floating_point:
-            raise TypeError(f"losses must be floating point, got {losses.dtype}")
-        if not losses.requires_grad:
-            raise ValueError(
-                "losses do not require grad: compute them from the model's output outside "
-                "torch.no_grad(), and check that the model has trainable parameters"
-            )
-
     def _current_signature(self) -> list[tuple[str, int, tuple[int, ...], bool]]:
         named: list[tuple[str, Tensor]] = list(zip(self.names, self.params, strict=True))
         if self._module is not None:
@@ -649,47 +630,6 @@ class GRAIN:
             "removed, replaced, reshaped or (un)frozen); build a new GRAIN after changing the model"
         )
 
-    def _group_ids(
-        self, losses: Tensor, groups: Tensor | None, keys: Tensor | None
-    ) -> tuple[Tensor, int]:
-        B, device = losses.shape[0], losses.device
-        if groups is not None:
-            if not isinstance(groups, Tensor) or groups.dim() != 1 or groups.shape[0] != B:
-                raise ValueError(
-                    f"groups must be a (B,) = ({B},) tensor of group ids, got "
-                    f"{describe(groups)}; pass one id per sample"
-                )
-            if (
-                groups.dtype.is_floating_point
-                or groups.dtype.is_complex
-                or groups.dtype == torch.bool
-            ):
-                raise TypeError(
-                    f"groups must hold integer ids, got {groups.dtype}; use groups.long()"
-                )
-            groups = groups.to(device=device, dtype=torch.int64)
-            # Host sync only when num_groups is unset: m comes from the ids.
-            m = self.num_groups if self.num_groups is not None else int(groups.max()) + 1
-            return groups, m
-        if self.grouping == "key":
-            if keys is None:
-                raise ValueError(
-                    "grouping='key' needs backward(losses, keys=...) with one key per sample"
-                )
-            if not isinstance(keys, Tensor) or keys.shape[:1] != (B,):
-                raise ValueError(f"keys must have B = {B} rows, got {describe(keys)}")
-            ids, m = key_groups(keys)
-            return ids.to(device), m
-        if self.num_groups is None:
-            raise ValueError(
-                "num_groups is not set: build GRAIN(..., num_groups=m) for "
-                f"grouping={self.grouping!r} "
-                "or pass explicit groups to backward"
-            )
-        if self.grouping == "random":
-            return random_groups(B, self.num_groups, self._generator, device), self.num_groups
-        return contiguous_groups(B, self.num_groups, device), self.num_groups
-
     def _nonfinite(self, sizes: Tensor, reason: str) -> GrainStats:
         m = int(sizes.shape[0])
         if self.nonfinite == "raise":
@@ -707,59 +647,6 @@ class GRAIN:
             f"nonfinite={self.nonfinite!r}, params={len(self.params)}, "
             f"numel={sum(p.numel() for p in self.params)})"
         )
-
-
-def _autocast_off(like: Tensor) -> Any:
-    device = like.device.type if isinstance(like, Tensor) else "cpu"
-    available = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.4
-    if not (available(device) if available is not None else device in ("cpu", "cuda")):
-        return contextlib.nullcontext()
-    return torch.autocast(device, enabled=False)
-
-
-def _local(p: Tensor) -> Tensor:
-    """A plain tensor on ``p``'s device and dtype (an FSDP2 parameter's local shard)."""
-    return p.to_local() if is_sharded(p) else p  # type: ignore[attr-defined]
-
-
-def _collect_params(source: ParamsLike) -> tuple[list[str], list[Tensor]]:
-    named: list[tuple[str, Any]]
-    if isinstance(source, nn.Module):
-        named = [(n, p) for n, p in source.named_parameters() if p.requires_grad]
-    elif isinstance(source, Tensor):
-        raise TypeError(
-            "pass an nn.Module or an iterable of parameters, not a single tensor: [param]"
-        )
-    else:
-        named = []
-        for i, item in enumerate(source):
-            if isinstance(item, dict):  # optimizer-style param group
-                params = item.get("params", [])
-                params = [params] if isinstance(params, Tensor) else list(params)
-                named += [(f"group{i}.{j}", p) for j, p in enumerate(params)]
-            elif isinstance(item, tuple) and len(item) == 2:
-                named.append((str(item[0]), item[1]))
-            else:
-                named.append((f"param{i}", item))
-        for name, p in named:
-            if not isinstance(p, Tensor):
-                raise TypeError(f"{name} is a {type(p).__name__}, not a tensor; pass parameters")
-            if not p.requires_grad:
-                raise ValueError(
-                    f"parameter {name} is frozen (requires_grad=False); GRAIN cannot give it a "
-                    "gradient: leave it out, or pass the model to use its trainable parameters"
-                )
-            if not p.is_leaf:
-                raise ValueError(f"{name} is not a leaf tensor; pass the parameters themselves")
-    unique: dict[int, tuple[str, Tensor]] = {}
-    for name, p in named:
-        unique.setdefault(id(p), (name, p))  # a tied weight counts once, under its first name
-    if not unique:
-        raise ValueError(
-            "no trainable parameters: every parameter has requires_grad=False or the list is "
-            "empty; unfreeze some (p.requires_grad_(True)) before building GRAIN"
-        )
-    return [n for n, _ in unique.values()], [p for _, p in unique.values()]
 
 
 @dataclass
