@@ -217,7 +217,7 @@ class GRAIN:
             world = None if process_group is None else dist.get_world_size(process_group)
             mesh_group = check_sharded(self.names, self.params, world)
             self.process_group = process_group if process_group is not None else mesh_group
-            self._exchange = ShardedExchange(self.process_group)
+            self._exchange = ShardedExchange(self.process_group, self._row_sparse())
         else:
             self.process_group = process_group
             self._exchange = RankExchange(process_group, self._row_sparse())

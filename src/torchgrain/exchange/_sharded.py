@@ -24,7 +24,8 @@ unsharded parameters, and in the keep mode the received rows of every group (``m
 rank); in the low-memory mode a bucket or two in flight, at the cost of one more backward. GRAIN
 takes the low-memory mode when ``m_local`` full-size group gradients would exceed its
 ``memory_budget`` (outside :meth:`~torchgrain.GRAIN.accumulate`, whose micro-batches are kept to
-the block's end). An embedding travels whole here.
+the block's end). An embedding travels on the rows some rank touched, each rank receiving those it
+holds (padded to the most any rank holds).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torchgrain.engines.rules._base import GroupGrad, to_dense
+from torchgrain.engines.rules._base import GroupGrad, Rows, to_dense
 from torchgrain.exchange._base import Exchange, exchange_dtype
 from torchgrain.exchange._layout import BUCKET_BYTES
 
@@ -113,14 +114,29 @@ def _reshard_after_backward(unit: Any) -> bool:
 
 @dataclass
 class _Piece:
-    """One parameter in a bucket: its rows chunk at columns ``[start, start + chunk x width)`` of
-    every rank's shard."""
+    """One parameter in a bucket: what each rank receives of it sits at columns ``[start, start +
+    chunk x width)`` of that rank's shard."""
 
     param: int
     start: int
     rows: int  # dim 0
-    chunk: int  # rows per rank, ceil(rows / W)
+    owned: int  # rows each rank holds: ceil(rows / W) (torch.chunk's split), fewer at the end
     width: int  # values per row
+    split: list[Tensor] | None = None  # row-sparse: per rank, the agreed rows it holds (global)
+
+    @property
+    def chunk(self) -> int:
+        """Rows per rank's slot: the rows a rank holds, or the most agreed rows any rank holds."""
+        return self.owned if self.split is None else max(len(rows) for rows in self.split)
+
+    def held(self, rank: int) -> tuple[int, int]:
+        """The rows ``[low, high)`` rank holds (``torch.chunk``'s split of dim 0)."""
+        return min(rank * self.owned, self.rows), min((rank + 1) * self.owned, self.rows)
+
+    def sent(self, rank: int) -> int:
+        """How many of its rows rank receives."""
+        low, high = self.held(rank)
+        return high - low if self.split is None else len(self.split[rank])
 
 
 @dataclass
@@ -137,12 +153,11 @@ class _Bucket:
 
 
 class ShardedExchange(Exchange):
-    """The sharded exchange (FSDP2's place): every rank ends with its rows of ``d``."""
+    """The sharded exchange (FSDP2's place): every rank ends with its rows of ``d``. A
+    row-sparse parameter (an embedding) travels on the rows some rank touched: rank r receives
+    those of them it holds."""
 
     sharded = True
-
-    def __init__(self, process_group: Any) -> None:
-        super().__init__(process_group)
 
     def _plan(
         self, params: list[Tensor], which: list[int], slots: int, rows: dict[int, Tensor]
@@ -155,46 +170,53 @@ class ShardedExchange(Exchange):
         for i in which:
             p = params[i]
             n = p.shape[0] if p.dim() else 1
-            chunk, width = -(-n // self.world), p.numel() // max(n, 1)
-            if pieces and start + chunk * width > limit:
+            piece = _Piece(i, start, n, -(-n // self.world), p.numel() // max(n, 1))
+            if i in rows:  # the agreed rows, split by the rank that holds them
+                index = rows[i]
+                piece.split = [
+                    index[(index >= low) & (index < high)]
+                    for low, high in map(piece.held, range(self.world))
+                ]
+            columns = piece.chunk * piece.width
+            if pieces and start + columns > limit:
                 buckets.append(_Bucket(pieces, start))
-                pieces, start = [], 0
-            pieces.append(_Piece(i, start, n, chunk, width))
-            start += chunk * width
+                pieces, start, piece.start = [], 0, 0
+            pieces.append(piece)
+            start += columns
         if pieces:
             buckets.append(_Bucket(pieces, max(start, 1)))
         return buckets
 
     def _put(self, send: Tensor, bucket: _Bucket, i: int, grad: GroupGrad, m: int) -> None:
-        """Rows chunk r of the parameter's ``m`` group gradients into rank r's slice."""
+        """The rows rank r receives of the parameter's ``m`` group gradients into its slice."""
         piece, shape = bucket.where[i], self._params[i].shape
-        dense = to_dense(grad, shape).reshape(m, piece.rows, piece.width)
-        for r in range(self.world):
-            low, high = self._rows(piece, r)
-            n = (high - low) * piece.width
+        if piece.split is None:
+            values = to_dense(grad, shape).reshape(m, piece.rows, piece.width)
+            offsets = [piece.held(r)[0] for r in range(self.world)]
+        else:  # (m, U, width) on the agreed rows, rank-major
+            values = _on_rows(grad, torch.cat(piece.split), m, piece.width)
+            offsets = [sum(len(rows) for rows in piece.split[:r]) for r in range(self.world)]
+        for r, low in enumerate(offsets):
+            n = piece.sent(r)
             if n:
-                send[r, :m, piece.start : piece.start + n] = dense[:, low:high].reshape(m, n)
+                block = values[:, low : low + n].reshape(m, n * piece.width)
+                send[r, :m, piece.start : piece.start + n * piece.width] = block
 
     def _blank(self, send: Tensor, bucket: _Bucket, written: set[int], m: int) -> None:
         """Zero the slots past ``m`` and, per parameter and rank, the columns past the rows the
-        rank holds (all of them for a parameter not written)."""
+        rank receives (all of them for a parameter not written)."""
         if send.shape[1] > m:
             send[:, m:].zero_()
         for piece in bucket.pieces:
             end = piece.start + piece.chunk * piece.width
             for r in range(self.world):
-                low, high = self._rows(piece, r)
-                n = (high - low) * piece.width if piece.param in written else 0
+                n = piece.sent(r) * piece.width if piece.param in written else 0
                 if piece.start + n < end:
                     send[r, :m, piece.start + n : end].zero_()
-        used = bucket.pieces[-1].start + bucket.pieces[-1].chunk * bucket.pieces[-1].width
+        last = bucket.pieces[-1]
+        used = last.start + last.chunk * last.width
         if used < send.shape[2]:
             send[:, :m, used:].zero_()
-
-    @staticmethod
-    def _rows(piece: _Piece, rank: int) -> tuple[int, int]:
-        """The rows ``[low, high)`` rank holds (``torch.chunk``'s split of dim 0)."""
-        return min(rank * piece.chunk, piece.rows), min((rank + 1) * piece.chunk, piece.rows)
 
     def combine(self, weights: Tensor) -> list[Tensor | None]:
         """``(W * slots,)`` global weights -> per parameter this rank's rows of ``d``, as the
@@ -207,18 +229,32 @@ class ShardedExchange(Exchange):
             for piece in bucket.pieces:
                 p: Any = self._params[piece.param]
                 local_shape = p.to_local().shape
-                low, high = self._rows(piece, self.rank)
+                low, high = piece.held(self.rank)
                 if local_shape[:1] != (high - low,):
                     raise RuntimeError(
                         f"FSDP holds {tuple(local_shape)} of a {tuple(p.shape)} parameter on rank "
                         f"{self.rank}, not rows {low}..{high} (torch.chunk's split of dim 0) as "
                         "GRAIN expects; please report this layout"
                     )
-                rows = part[piece.start : piece.start + (high - low) * piece.width]
-                local = rows.reshape(local_shape).to(p.dtype)
+                n = piece.sent(self.rank)
+                rows = part[piece.start : piece.start + n * piece.width].to(p.dtype)
+                if piece.split is None:
+                    local = rows.reshape(local_shape)
+                else:  # zero on the rows no rank touched
+                    local = rows.new_zeros(local_shape)
+                    local.index_copy_(0, piece.split[self.rank] - low, rows.view(n, *p.shape[1:]))
                 out[piece.param] = DTensor.from_local(
                     local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
                     stride=p.stride(),
                 )  # fmt: skip
         self._shards = []
         return out
+
+
+def _on_rows(grad: GroupGrad, index: Tensor, m: int, width: int) -> Tensor:
+    """``(m, U, width)``: the group gradients on the rows ``index`` (sorted)."""
+    if isinstance(grad, Rows):
+        values = grad.values.new_zeros(m, index.numel(), width)
+        values[:, torch.searchsorted(index, grad.index)] = grad.values.reshape(m, -1, width)
+        return values
+    return grad.reshape(m, -1, width)[:, index]
