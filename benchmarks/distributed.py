@@ -1,4 +1,4 @@
-"""Data-parallel GRAIN against DDP's all-reduce of the mean gradient, on Gloo processes.
+"""Data-parallel GRAIN against DDP (or FSDP2) on the mean gradient, on Gloo processes.
 
     python benchmarks/distributed.py --model bert-small --world 2 --groups 1 4
     python benchmarks/distributed.py --model mlp --world 2 3 4 --groups 1 2 4
