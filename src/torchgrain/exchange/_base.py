@@ -129,10 +129,15 @@ class Exchange:
 
     # ------------------------------------------------------------------------ for subclasses
     def _plan(
-        self, params: list[Tensor], which: list[int], slots: int, rows: dict[int, Tensor]
+        self,
+        params: list[Tensor],
+        which: list[int],
+        slots: int,
+        rows: dict[int, Tensor],
+        element_size: int,
     ) -> list[Any]:
         """Buckets (each with ``.params``, indices, and ``.shard``, columns per rank) over the
-        parameters ``which``, in order."""
+        parameters ``which``, in order, for values of ``element_size`` bytes."""
         raise NotImplementedError
 
     def _put(self, send: Tensor, bucket: Any, i: int, grad: GroupGrad, m: int) -> None:
@@ -183,10 +188,11 @@ class Stream:
         self.x, self.params, self.keep = exchange, params, keep
         self.slots, self.m = agreement.slots, agreement.counts[exchange.rank]
         self.dtype = exchange_dtype(params)
+        self.size = torch.empty((), dtype=self.dtype).element_size()
         self.device = params[0].device
         sparse = set(exchange.row_sparse)
         dense = [i for i in range(len(params)) if i not in sparse]
-        self.buckets = exchange._plan(params, dense, self.slots, {})
+        self.buckets = exchange._plan(params, dense, self.slots, {}, self.size)
         self._owner = {i: b for b, bucket in enumerate(self.buckets) for i in bucket.params}
         self._missing = [set(bucket.params) for bucket in self.buckets]
         self._sends: dict[int, Tensor] = {}
@@ -214,7 +220,7 @@ class Stream:
             self._launch(len(self._in_flight))
         if self.x.row_sparse:
             rows = self.x.agree_rows(self._deferred, self.params)
-            extra = self.x._plan(self.params, self.x.row_sparse, self.slots, rows)
+            extra = self.x._plan(self.params, self.x.row_sparse, self.slots, rows, self.size)
             self.buckets += extra
             for bucket in extra:
                 for i in bucket.params:
@@ -234,10 +240,9 @@ class Stream:
             if self.keep:
                 shards.append(shard)
         self._in_flight = []
-        size = torch.empty((), dtype=self.dtype).element_size()
         columns = sum(bucket.shard for bucket in self.buckets)
         combined = columns if self.keep and not self.x.sharded else 0  # the all-gather of d
-        self.x.bytes_sent = (columns * self.slots + combined) * (self.x.world - 1) * size
+        self.x.bytes_sent = (columns * self.slots + combined) * (self.x.world - 1) * self.size
         self.x._buckets, self.x._shards = self.buckets, shards
         return self.x._sum_grams(partial)
 

@@ -131,9 +131,14 @@ def _columns(grad: GroupGrad, seg: Segment, shape: torch.Size, m: int, dtype: An
     """``(m, numel)`` this parameter's group gradients in its layout (a view where possible)."""
     if seg.rows is None:
         return to_dense(grad, shape).reshape(m, -1).to(dtype)
+    return on_rows(grad, seg.rows, m, shape[1:].numel()).reshape(m, -1).to(dtype)
+
+
+def on_rows(grad: GroupGrad, index: Tensor, m: int, width: int) -> Tensor:
+    """``(m, U, width)``: a 2-D parameter's group gradients on the rows ``index`` (sorted), from
+    its rows (an embedding's) or from dense group gradients."""
     if isinstance(grad, Rows):
-        where = torch.searchsorted(seg.rows, grad.index)  # grad's rows among the agreed ones
-        values = grad.values.new_zeros(m, seg.rows.numel(), grad.values.shape[2])
-        values[:, where] = grad.values
-        return values.reshape(m, -1).to(dtype)
-    return grad.reshape(m, grad.shape[1], -1)[:, seg.rows].reshape(m, -1).to(dtype)
+        values = grad.values.new_zeros(m, index.numel(), width)
+        values[:, torch.searchsorted(index, grad.index)] = grad.values.reshape(m, -1, width)
+        return values
+    return grad.reshape(m, -1, width)[:, index]

@@ -25,12 +25,11 @@ rank's batch touched. Each group gradient is copied once, into its send buffer.
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from torchgrain.engines.rules._base import GroupGrad
-from torchgrain.exchange._base import Exchange, exchange_dtype
+from torchgrain.exchange._base import Exchange
 from torchgrain.exchange._layout import Bucket, blank, plan, put, unpack
 
 
@@ -38,10 +37,14 @@ class RankExchange(Exchange):
     """The replicated exchange (DDP's place): every rank ends with the whole ``d``."""
 
     def _plan(
-        self, params: list[Tensor], which: list[int], slots: int, rows: dict[int, Tensor]
+        self,
+        params: list[Tensor],
+        which: list[int],
+        slots: int,
+        rows: dict[int, Tensor],
+        element_size: int,
     ) -> list[Bucket]:
-        size = torch.empty((), dtype=exchange_dtype(params)).element_size()
-        return plan(params, which, rows, self.world, slots, size)
+        return plan(params, which, rows, self.world, slots, element_size)
 
     def _put(self, send: Tensor, bucket: Bucket, i: int, grad: GroupGrad, m: int) -> None:
         put(send, bucket.where[i], grad, self._params[i].shape, m)

@@ -38,9 +38,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torchgrain.engines.rules._base import GroupGrad, Rows, to_dense
-from torchgrain.exchange._base import Exchange, exchange_dtype
-from torchgrain.exchange._layout import BUCKET_BYTES
+from torchgrain.engines.rules._base import GroupGrad, to_dense
+from torchgrain.exchange._base import Exchange
+from torchgrain.exchange._layout import BUCKET_BYTES, on_rows
 
 
 def is_sharded(p: Tensor) -> bool:
@@ -160,10 +160,14 @@ class ShardedExchange(Exchange):
     sharded = True
 
     def _plan(
-        self, params: list[Tensor], which: list[int], slots: int, rows: dict[int, Tensor]
+        self,
+        params: list[Tensor],
+        which: list[int],
+        slots: int,
+        rows: dict[int, Tensor],
+        element_size: int,
     ) -> list[_Bucket]:
-        size = torch.empty((), dtype=exchange_dtype(params)).element_size()
-        limit = max(1, BUCKET_BYTES // (slots * size * self.world))  # columns per rank
+        limit = max(1, BUCKET_BYTES // (slots * element_size * self.world))  # columns per rank
         buckets: list[_Bucket] = []
         pieces: list[_Piece] = []
         start = 0
@@ -194,7 +198,7 @@ class ShardedExchange(Exchange):
             values = to_dense(grad, shape).reshape(m, piece.rows, piece.width)
             offsets = [piece.held(r)[0] for r in range(self.world)]
         else:  # (m, U, width) on the agreed rows, rank-major
-            values = _on_rows(grad, torch.cat(piece.split), m, piece.width)
+            values = on_rows(grad, torch.cat(piece.split), m, piece.width)
             offsets = [sum(len(rows) for rows in piece.split[:r]) for r in range(self.world)]
         for r, low in enumerate(offsets):
             n = piece.sent(r)
@@ -249,12 +253,3 @@ class ShardedExchange(Exchange):
                 )  # fmt: skip
         self._shards = []
         return out
-
-
-def _on_rows(grad: GroupGrad, index: Tensor, m: int, width: int) -> Tensor:
-    """``(m, U, width)``: the group gradients on the rows ``index`` (sorted)."""
-    if isinstance(grad, Rows):
-        values = grad.values.new_zeros(m, index.numel(), width)
-        values[:, torch.searchsorted(index, grad.index)] = grad.values.reshape(m, -1, width)
-        return values
-    return grad.reshape(m, -1, width)[:, index]
