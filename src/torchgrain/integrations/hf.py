@@ -243,14 +243,13 @@ class GrainTrainer(Trainer):
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> Tensor:
         """One micro-batch: per-sample losses, then GRAIN's backward (or its part of a window)."""
-        if self.grain._module is not self._grain_model:  # model_init gave Trainer a new model
+        same = self.grain._module is self._grain_model  # model_init gives Trainer a new model
+        if not same or self.grain._stale():  # FSDP2 shards the model when Trainer prepares it
+            state = self.grain.state_dict() if same else None  # the same model's: carried over
             self.grain.close()
             self.grain = GRAIN(self._grain_model, **self._grain_options)
-        elif self.grain._stale():  # FSDP2 sharded the model when Trainer prepared it
-            state = self.grain.state_dict()  # a resumed checkpoint's, or the fresh one
-            self.grain.close()
-            self.grain = GRAIN(self._grain_model, **self._grain_options)
-            self.grain.load_state_dict(state)
+            if state is not None:
+                self.grain.load_state_dict(state)
         model.train()
         optimizer: Any = self.optimizer
         if hasattr(optimizer, "train") and callable(optimizer.train):
