@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
 
 import torchgrain
 from tests import _dist
-from tests._models import mlp, per_sample_ce
+from tests._models import per_sample_ce
+from tests.exchange.test_sharded import _data, _model, _reference, _shard
 
 pytestmark = pytest.mark.cuda
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -30,28 +30,12 @@ BACKENDS = [
 ]
 
 
-def _data(rank: int) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(rank)
-    B = 6 + 2 * rank
-    return torch.randn(B, 5, generator=g, dtype=torch.float64), torch.randint(
-        0, 3, (B,), generator=g
-    )
-
-
 def _worker(rank: int, world: int, backend: str, mode: str) -> dict[str, object]:
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
-    torch.manual_seed(0)
-    model = mlp().double().to(device)
+    model = _model().to(device)
     budget = 0 if mode == "fsdp-low-memory" else 1 << 30
     if mode.startswith("fsdp"):
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = init_device_mesh(device.type, (world,))
-        for layer in model:  # type: ignore[attr-defined]
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        _shard(model, world, device.type)
     grain = torchgrain.GRAIN(
         model, num_groups=2, process_group=dist.group.WORLD, memory_budget=budget
     )
@@ -69,15 +53,9 @@ def test_exchange_on_the_backend_equals_single_process_grain(
     backend: str, world: int, mode: str, tmp_path: Path
 ) -> None:
     results = _dist.run(_worker, world, tmp_path, backend, mode, timeout=60.0, backend=backend)
-    torch.manual_seed(0)
-    model = mlp().double()
-    data = [_data(r) for r in range(world)]
-    ids = torch.cat([torch.arange(len(d[1])) * 2 // len(d[1]) + 2 * r for r, d in enumerate(data)])
-    grain = torchgrain.GRAIN(model, num_groups=2 * world, engine="loop")
-    x, y = torch.cat([d[0] for d in data]), torch.cat([d[1] for d in data])
-    grain.backward(per_sample_ce(model, x, y), ids)
+    reference, _ = _reference(world, 2, steps=1)
     for r in results:
         assert "error" not in r, r.get("trace")
         assert r["num_groups"] == 2 * world
-        for got, p in zip(r["grads"], model.parameters(), strict=True):  # type: ignore[call-overload]
-            assert float((got - p.grad).norm() / p.grad.norm()) <= 1e-10
+        for got, ref in zip(r["grads"], reference, strict=True):  # type: ignore[call-overload]
+            assert float((got - ref).norm() / ref.norm()) <= 1e-10

@@ -33,11 +33,11 @@ def _model() -> nn.Module:
     return mlp().double()  # Linear(5, 8), LayerNorm(8), ReLU, Linear(8, 3): 3 rows split 2 + 1
 
 
-def _shard(model: nn.Module, world: int) -> nn.Module:
+def _shard(model: nn.Module, world: int, device: str = "cpu") -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh(device, (world,))
     for layer in model:  # type: ignore[attr-defined]
         if isinstance(layer, nn.Linear):
             fully_shard(layer, mesh=mesh)

@@ -20,14 +20,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import torchgrain
+from tests.integrations.test_lightning import _mlp  # the single-process tests' model
 from torchgrain.integrations.lightning import grain_step
 
 STEPS, B = 4, 8
-
-
-def mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 3))
 
 
 def data() -> TensorDataset:
@@ -40,7 +36,7 @@ class Classifier(lightning.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.automatic_optimization = False
-        self.net = mlp()
+        self.net = _mlp()
         self.grain = torchgrain.GRAIN(self.net, num_groups=2)  # grain_step binds it to the ranks
         self.seen: list[dict[str, Any]] = []
 

@@ -13,6 +13,7 @@ import torch
 
 import torchgrain
 from tests.integrations import _lightning_ranks as script
+from tests.integrations.test_lightning import _mlp
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,7 +37,7 @@ def test_ddp_strategy_takes_one_grain_step_over_every_rank(tmp_path: Path) -> No
         for p, q in zip(r["params"], ranks[0]["params"], strict=True):
             assert torch.equal(p, q)
     # The same steps in one process: each step's batch is rank 0's then rank 1's samples.
-    model = script.mlp()
+    model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     grain = torchgrain.GRAIN(model, num_groups=4, engine="loop")
     for step in range(script.STEPS):
