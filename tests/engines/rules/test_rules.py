@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from torchgrain.engines import GroupIndex
 from torchgrain.engines.rules import find_rule
-from torchgrain.engines.rules._base import add, gram_of, to_dense, weighted_sum
+from torchgrain.engines.rules._base import Rows, add, gram_of, to_dense, weighted_sum
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -180,3 +180,21 @@ def test_embedding_options_that_couple_samples_have_no_rule_params() -> None:
     ):
         rule = find_rule(module)
         assert rule is not None and rule.param_names(module) == []
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 15, 16, 20])
+@pytest.mark.parametrize("P", [5, 4095, 4096, 2048 * 7 + 13])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gram_of_any_shape_against_float64(m: int, P: int, dtype: torch.dtype) -> None:
+    """The Gram in slices of the columns (the CPU's path for m < 16, with a tail past the last
+    full slice) or in one product: the float64 ``F F^T`` either way, for dense and row-sparse
+    group gradients."""
+    g = _gen(m * P)
+    flat = _rand(g, m, P)
+    expected = flat @ flat.T
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    got = gram_of(flat.to(dtype).reshape(m, P, 1))
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol * P)
+    rows = Rows(torch.arange(P), flat.to(dtype).reshape(m, P, 1))
+    torch.testing.assert_close(gram_of(rows), expected, rtol=tol, atol=tol * P)

@@ -146,6 +146,27 @@ def cat(
     )
 
 
+# The CPU's BLAS multiplies an (m, P) by a (P, m) matrix 3-5x below memory speed for m < 16
+# (2-core CPU, 2 threads: 1.6 ms for m = 8, P = 262,144, against 0.4 ms as a batch of 2,048-long
+# slices); from m = 16 its own kernel is faster. See ``_self_product``.
+SPLIT_K_BELOW_M, SPLIT_K = 16, 2048
+
+
+def _self_product(flat: Tensor) -> Tensor:
+    """``flat @ flat.T`` for ``(m, P)`` ``flat``; on the CPU for m < 16, as a batched GEMM over
+    ``SPLIT_K``-long slices of the columns, summed (the same products, in another order)."""
+    m, P = flat.shape
+    if flat.device.type != "cpu" or m >= SPLIT_K_BELOW_M or P < 2 * SPLIT_K:
+        return flat @ flat.T
+    c = P // SPLIT_K
+    head = flat[:, : c * SPLIT_K].reshape(m, c, SPLIT_K).transpose(0, 1)  # (c, m, SPLIT_K) view
+    block = torch.bmm(head, head.transpose(1, 2)).sum(0)
+    if c * SPLIT_K < P:
+        tail = flat[:, c * SPLIT_K :]
+        block.addmm_(tail, tail.T)
+    return block
+
+
 def gram_of(grad: GroupGrad) -> Tensor:
     """``(m, m)`` float64 Gram of the group gradients.
 
@@ -159,12 +180,11 @@ def gram_of(grad: GroupGrad) -> Tensor:
     flat = values.reshape(values.shape[0], -1)  # (m, P)
     if flat.dtype != torch.float64 and flat.device.type == "cpu":
         low = flat.float()
-        block = low @ low.T
+        block = _self_product(low)
         top = float(block.diagonal().max())  # a free read on the CPU
         if math.isfinite(top) and top >= 1e-30:
             return block.to(torch.float64)
-    wide = flat.to(torch.float64)
-    return wide @ wide.T
+    return _self_product(flat.to(torch.float64))
 
 
 def weighted_sum(weights: Tensor, grad: GroupGrad, shape: torch.Size) -> Tensor:
