@@ -10,7 +10,12 @@ from torch import Tensor, nn
 
 from torchgrain.engines._groups import GroupIndex
 from torchgrain.engines.rules import _rerun, find_rule
-from torchgrain.engines.rules._rerun import closed_form_pays, per_sample_closed_form, rerun_grads
+from torchgrain.engines.rules._rerun import (
+    closed_form_pays,
+    per_sample_closed_form,
+    per_sample_stock_norm,
+    rerun_grads,
+)
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -111,7 +116,7 @@ def test_the_cost_model_reruns_per_group_on_large_cpu_calls(
     small, large = torch.empty(8, 4, 16), torch.empty(32, 128, 384)
     assert closed_form_pays(small, 8) and not closed_form_pays(large, 8)
     assert not closed_form_pays(small, 1)  # one group: one re-run is already the cheapest
-    norm, groups = _layer_norm(384), _groups([k % 8 for k in range(32)])
+    norm, groups = OnePlusScaleRMSNorm(384), _groups([k % 8 for k in range(32)])
     A, Bk = torch.randn(32, 128, 384), torch.randn(32, 128, 384)
     calls = []
     original = _rerun.per_sample_closed_form
@@ -125,3 +130,72 @@ def test_the_cost_model_reruns_per_group_on_large_cpu_calls(
     assert not calls  # the per-group re-run served it
     ref = rerun_grads(norm, A[groups.ids == 3], Bk[groups.ids == 3])
     torch.testing.assert_close(got["weight"][3], ref["weight"], rtol=1e-12, atol=1e-12)
+
+
+STOCK = ["layer_norm", "layer_norm_no_bias", "layer_norm_2d", "rms_norm"]
+
+
+@pytest.mark.parametrize("name", STOCK)
+@pytest.mark.parametrize("frozen", [None, "weight", "bias"])
+def test_torch_norms_take_the_normalised_input_at_any_size(
+    name: str, frozen: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PyTorch's own LayerNorm and RMSNorm: group gradients from ``n(A)`` and ``Bk`` alone, on
+    calls too large for the closed form, with neither the re-run nor the closed form run; equal
+    to the per-group re-run, for the trainable parameters only."""
+    torch.manual_seed(0)
+    norm = NORMS[name](6)
+    if frozen is not None and getattr(norm, frozen, None) is not None:
+        getattr(norm, frozen).requires_grad_(False)
+    if not any(p.requires_grad for p in norm.parameters()):
+        pytest.skip("no trainable parameter left")
+    A = torch.randn(32, 3, 6) * 2 - 1
+    Bk = torch.randn(32, 3, 6)
+    groups = _groups([k % 5 for k in range(32)])
+    monkeypatch.setattr(_rerun, "closed_form_pays", lambda A, m: False)  # as for a large call
+    refs = [rerun_grads(norm, A[groups.ids == k], Bk[groups.ids == k]) for k in range(groups.m)]
+    whole = rerun_grads(norm, A, Bk)
+
+    def refuse(*args):  # type: ignore[no-untyped-def]
+        raise AssertionError("the re-run or the closed form ran")
+
+    monkeypatch.setattr(_rerun, "rerun_grads", refuse)
+    monkeypatch.setattr(_rerun, "per_sample_closed_form", refuse)
+    rule = find_rule(norm)
+    got = rule.group_grads(norm, A, Bk, groups)
+    combined = rule.combine(norm, A, Bk)
+    assert set(got) == set(combined) == set(whole) == set(rule.param_names(norm))
+    for pname in whole:
+        for k in range(groups.m):
+            torch.testing.assert_close(got[pname][k], refs[k][pname], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(combined[pname], whole[pname], rtol=1e-12, atol=1e-12)
+
+
+def test_the_normalised_input_path_is_for_torch_forwards_only() -> None:
+    """A subclass that changes ``forward`` (or a Hugging Face norm) is not PyTorch's formula."""
+
+    class Shifted(nn.LayerNorm):
+        def forward(self, x: Tensor) -> Tensor:
+            return super().forward(x + 1.0)
+
+    class Plain(nn.LayerNorm):
+        pass
+
+    A, Bk = torch.randn(4, 6), torch.randn(4, 6)
+    assert per_sample_stock_norm(Shifted(6), A, Bk) is None
+    assert per_sample_stock_norm(OnePlusScaleRMSNorm(6), A, Bk) is None
+    assert per_sample_stock_norm(Plain(6), A, Bk) is not None
+
+
+def test_the_normalised_input_is_taken_in_float32_for_half_precision_inputs() -> None:
+    """A bfloat16 input under autocast reaches LayerNorm's float32 kernel: the float32 output
+    gradient meets ``n(A)`` computed from the same float32 copy of ``A``."""
+    torch.manual_seed(0)
+    norm = _layer_norm(8).float()
+    A = torch.randn(6, 5, 8).to(torch.bfloat16)
+    Bk = torch.randn(6, 5, 8, dtype=torch.float32)
+    got = per_sample_stock_norm(norm, A, Bk)
+    assert got is not None and got["weight"].dtype == torch.float32
+    ref = rerun_grads(norm, A.float(), Bk)
+    torch.testing.assert_close(got["weight"].sum(0), ref["weight"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["bias"].sum(0), ref["bias"], rtol=1e-5, atol=1e-5)

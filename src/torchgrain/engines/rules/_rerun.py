@@ -13,8 +13,13 @@
   the activations.
 
 The closed form is used on accelerators (host-bound) and on the CPU for small calls; see
-:func:`closed_form_pays`. ``combine`` (the book-keeping mode) is always one re-run on the whole
-batch.
+:func:`closed_form_pays`. ``combine`` (the book-keeping mode) is one re-run on the whole batch.
+
+PyTorch's own ``nn.LayerNorm`` and ``nn.RMSNorm`` (Hugging Face's BERT and GPT-2 use the former)
+skip both: ``J_weight`` is the normalised input, one ``F.layer_norm``/``F.rms_norm`` without
+parameters, and ``J_bias`` is 1, so group k's gradients are ``sum Bk * n(A)`` and ``sum Bk`` over
+its samples and tokens — a third of the re-run's time at BERT's sizes on the CPU
+(:func:`per_sample_stock_norm`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from torchgrain.engines._groups import GroupIndex
 from torchgrain.engines._hooks import paused
@@ -44,6 +50,27 @@ def rerun_grads(module: nn.Module, A: Tensor, Bk: Tensor) -> dict[str, Tensor]:
         n: torch.zeros_like(p) if g is None else g
         for n, p, g in zip(names, params, grads, strict=True)
     }
+
+
+def per_sample_stock_norm(module: nn.Module, A: Tensor, Bk: Tensor) -> dict[str, Tensor] | None:
+    """Per trainable parameter, the per-sample gradients ``(B, *p.shape)`` of ``<module(A), Bk>``
+    for PyTorch's own ``nn.LayerNorm`` and ``nn.RMSNorm`` (a subclass qualifies if it keeps their
+    ``forward``): ``Bk * n(A)`` (weight) and ``Bk`` (bias) summed over each sample's tokens, with
+    ``n(A)`` the parameter-free normalisation. ``None`` for any other module."""
+    forward, shape = type(module).forward, getattr(module, "normalized_shape", None)
+    wide = _wide(Bk)
+    x = A.detach().to(torch.promote_types(_wide(A).dtype, wide.dtype))
+    if forward is nn.LayerNorm.forward:
+        normalized = F.layer_norm(x, shape, eps=module.eps)
+    elif hasattr(nn, "RMSNorm") and forward is nn.RMSNorm.forward:
+        normalized = F.rms_norm(x, shape, eps=module.eps)
+    else:
+        return None
+    out = {}
+    for n in own_trainable(module):
+        per_token = normalized.mul_(wide) if n == "weight" else wide
+        out[n] = per_token.reshape(A.shape[0], -1, *shape).sum(1)
+    return out
 
 
 def per_sample_closed_form(module: nn.Module, A: Tensor, Bk: Tensor) -> dict[str, Tensor] | None:
@@ -119,13 +146,14 @@ class RerunRule:
     def group_grads(
         self, module: nn.Module, A: Tensor, Bk: Tensor, groups: GroupIndex
     ) -> dict[str, GroupGrad]:
-        if closed_form_pays(A, groups.m):
+        per_sample = per_sample_stock_norm(module, A, Bk)
+        if per_sample is None and closed_form_pays(A, groups.m):
             per_sample = per_sample_closed_form(module, A, Bk)
-            if per_sample is not None:
-                return {
-                    n: g.new_zeros(groups.m, *g.shape[1:]).index_add_(0, groups.ids, g)
-                    for n, g in per_sample.items()
-                }
+        if per_sample is not None:
+            return {
+                n: g.new_zeros(groups.m, *g.shape[1:]).index_add_(0, groups.ids, g)
+                for n, g in per_sample.items()
+            }
         per_group = [
             rerun_grads(module, a, b)
             for a, b in zip(groups.split(A), groups.split(Bk), strict=True)
@@ -133,6 +161,9 @@ class RerunRule:
         return {n: torch.stack([g[n] for g in per_group]) for n in self.param_names(module)}
 
     def combine(self, module: nn.Module, A: Tensor, Bk: Tensor) -> dict[str, Tensor]:
+        per_sample = per_sample_stock_norm(module, A, Bk)
+        if per_sample is not None:
+            return {n: g.sum(0) for n, g in per_sample.items()}
         return rerun_grads(module, A, Bk)  # one re-run: never dearer than the closed form
 
 
