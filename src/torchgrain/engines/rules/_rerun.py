@@ -57,12 +57,17 @@ def per_sample_stock_norm(module: nn.Module, A: Tensor, Bk: Tensor) -> dict[str,
     for PyTorch's own ``nn.LayerNorm`` and ``nn.RMSNorm`` (a subclass qualifies if it keeps their
     ``forward``): ``Bk * n(A)`` (weight) and ``Bk`` (bias) summed over each sample's tokens, with
     ``n(A)`` the parameter-free normalisation. ``None`` for any other module."""
-    forward, shape = type(module).forward, getattr(module, "normalized_shape", None)
     wide = _wide(Bk)
     x = A.detach().to(torch.promote_types(_wide(A).dtype, wide.dtype))
-    if forward is nn.LayerNorm.forward:
+    if isinstance(module, nn.LayerNorm) and type(module).forward is nn.LayerNorm.forward:
+        shape = tuple(module.normalized_shape)
         normalized = F.layer_norm(x, shape, eps=module.eps)
-    elif hasattr(nn, "RMSNorm") and forward is nn.RMSNorm.forward:
+    elif (
+        hasattr(nn, "RMSNorm")  # torch >= 2.4
+        and isinstance(module, nn.RMSNorm)
+        and type(module).forward is nn.RMSNorm.forward
+    ):
+        shape = tuple(module.normalized_shape)
         normalized = F.rms_norm(x, shape, eps=module.eps)
     else:
         return None
