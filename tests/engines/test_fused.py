@@ -397,3 +397,53 @@ def test_forward_without_grain_backward_does_not_spoil_the_next_step() -> None:
     batch = (*_tokens(4), torch.randint(0, 3, (4,)))
     stats = grain.backward(_seq_cls_losses(model, batch))
     assert stats.fallback == {}
+
+
+@pytest.mark.parametrize("budget", [0, float("inf")], ids=["bookkeeping", "keep"])
+@pytest.mark.parametrize("name", ["hf_gpt2", "mlp_inplace_relu_3d"])
+def test_group_gradient_buffers_are_reused_and_stay_exact(name: str, budget: float) -> None:
+    """The Linear (and GPT-2 Conv1D) group gradients go into buffers the engine reuses: from the
+    second step on no new one is allocated, and every step still equals the loop engine's."""
+    if name.startswith("hf_"):
+        pytest.importorskip("transformers")
+    case = CASES[name]
+    torch.manual_seed(0)
+    model = case.build()
+    reference = copy.deepcopy(model)
+    fused = torchgrain.GRAIN(model, num_groups=3, engine="fused", memory_budget=budget)
+    loop = torchgrain.GRAIN(reference, num_groups=3, engine="loop")
+    workspace = fused._engine._workspace
+    for step in range(3):
+        for net, grain in ((model, fused), (reference, loop)):
+            net.zero_grad(set_to_none=True)
+            batch = [t[torch.randperm(10, generator=_gen(step))] for t in case.batch(10)]
+            grain.backward(case.losses(net, tuple(batch)))
+        _assert_grads_close(_grads(model), _grads(reference))
+        if step == 0:
+            first = workspace.allocations
+            assert first > 0 and workspace.nbytes > 0  # given back for the next step
+    assert workspace.allocations == first
+    if budget == 0:  # book-keeping gives a buffer back after its Gram: same-shaped layers share
+        layers = [mod for mod in model.modules() if type(mod).__name__ in ("Linear", "Conv1D")]
+        assert first <= len({mod.weight.shape for mod in layers})
+    fused.close()
+    assert workspace.nbytes == 0
+
+
+def test_an_accumulation_block_after_plain_steps_stays_exact() -> None:
+    """Group gradients handed to an accumulation block are never given back: the block's
+    micro-batches do not share buffers, though earlier steps left some to reuse."""
+    case = CASES["mlp_inplace_relu_3d"]
+    torch.manual_seed(0)
+    model = case.build()
+    reference = copy.deepcopy(model)
+    fused = torchgrain.GRAIN(model, num_groups=2, engine="fused", memory_budget=float("inf"))
+    loop = torchgrain.GRAIN(reference, num_groups=2, engine="loop")
+    for net, grain in ((model, fused), (reference, loop)):
+        grain.backward(case.losses(net, case.batch(6)))  # leaves buffers in the workspace
+        net.zero_grad(set_to_none=True)
+        with grain.accumulate():
+            for seed in (1, 2, 3):
+                batch = tuple(t[torch.randperm(6, generator=_gen(seed))] for t in case.batch(6))
+                grain.backward(case.losses(net, batch))
+    _assert_grads_close(_grads(model), _grads(reference))

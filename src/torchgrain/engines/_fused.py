@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torchgrain.engines._groups import GroupIndex
 from torchgrain.engines._hooks import Call, HookManager, count_uses
 from torchgrain.engines._loop import LoopEngine, per_group_gradients
+from torchgrain.engines._workspace import Workspace
 from torchgrain.engines.rules import find_rule
 from torchgrain.engines.rules._base import GroupGrad, add, gram_of, nbytes, weighted_sum
 
@@ -64,6 +65,7 @@ class FusedEngine:
         self._owner: dict[int, tuple[str, nn.Module]] = {}  # id(param) -> (qualified name, module)
         self._index_owners()
         self._warned: set[str] = set()
+        self._workspace = Workspace()  # the group-gradient buffers, reused from step to step
         self._reset()
 
     def _index_owners(self) -> None:
@@ -87,6 +89,7 @@ class FusedEngine:
 
     def close(self) -> None:
         self.hooks.remove()
+        self._workspace.clear()
 
     def release(self) -> None:
         """Drop the recorded calls and anything kept for ``combine``."""
@@ -105,6 +108,7 @@ class FusedEngine:
         retain_graph: bool = False,
     ) -> Tensor:
         self._reset()
+        self._workspace.begin()
         self._params, self._groups = params, groups
         if any(id(p) not in self._owner for p in params):
             self._index_owners()
@@ -180,7 +184,8 @@ class FusedEngine:
                 id(c): None if bk is None else bk.reshape(c.out_shape)
                 for c, bk in zip(edges, bks, strict=True)
             }
-            gram += self._rule_grams(rule_params, bk_of, groups, keep_groups, sink)
+            with self._workspace.active(), torch.no_grad():
+                gram += self._rule_grams(rule_params, bk_of, groups, keep_groups, sink)
         return gram
 
     def _cover(
@@ -268,6 +273,8 @@ class FusedEngine:
                         self.kept_bytes += size
                         self._kept[i] = total
                         del self._recompute[i]
+                    elif isinstance(total, Tensor):  # book-keeping: its buffer serves the next
+                        self._workspace.give(total)
             del grads
         return gram
 
@@ -338,6 +345,8 @@ class FusedEngine:
         out: list[Tensor | None] = [None] * len(self._params)
         for i, grads in self._kept.items():
             out[i] = weighted_sum(weights, grads, self._params[i].shape).to(self._params[i].dtype)
+            if isinstance(grads, Tensor):
+                self._workspace.give(grads)  # held by nothing else: d is a new tensor
         for i, stack in self._fallback_grads.items():
             out[i] = torch.tensordot(weights.to(stack.dtype), stack, dims=1)
 

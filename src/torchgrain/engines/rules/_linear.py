@@ -23,22 +23,27 @@ import torch
 from torch import Tensor, nn
 
 from torchgrain.engines._groups import GroupIndex
+from torchgrain.engines._workspace import empty
 from torchgrain.engines.rules._base import GroupGrad, register_rule, trainable
 
 
-def _weight_grads(A: Tensor, Bk: Tensor, groups: GroupIndex) -> Tensor:
-    """``(m, out, in)`` per-group ``sum_i Bk_i^T A_i`` over all leading (token) dims."""
-    d_in, d_out = A.shape[-1], Bk.shape[-1]
+def _weight_grads(A: Tensor, Bk: Tensor, groups: GroupIndex, transposed: bool = False) -> Tensor:
+    """``(m, out, in)`` per-group ``sum_i Bk_i^T A_i`` over all leading (token) dims, or
+    ``(m, in, out)`` (``A_i^T Bk_i``) when ``transposed``; in a buffer of the engine's workspace."""
+    d_in = A.shape[-1]
+    left, right = (A, Bk) if transposed else (Bk, A)
+    out = empty((groups.m, left.shape[-1], right.shape[-1]), dtype=Bk.dtype, device=Bk.device)
     if len(set(groups.counts)) == 1:  # equal sizes: one batched GEMM
         n = groups.counts[0] * (A.numel() // (A.shape[0] * d_in))
-        A_g = groups.sort(A).reshape(groups.m, n, d_in)
-        B_g = groups.sort(Bk).reshape(groups.m, n, d_out)
-        return torch.bmm(B_g.transpose(1, 2), A_g)
+        L_g = groups.sort(left).reshape(groups.m, n, left.shape[-1])
+        R_g = groups.sort(right).reshape(groups.m, n, right.shape[-1])
+        return torch.bmm(L_g.transpose(1, 2), R_g, out=out)
     return torch.stack(
         [
-            b.reshape(-1, d_out).T @ a.reshape(-1, d_in)
-            for a, b in zip(groups.split(A), groups.split(Bk), strict=True)
-        ]
+            lhs.reshape(-1, lhs.shape[-1]).T @ rhs.reshape(-1, rhs.shape[-1])
+            for lhs, rhs in zip(groups.split(left), groups.split(right), strict=True)
+        ],
+        out=out,
     )
 
 
@@ -87,6 +92,8 @@ def _bias_grads(Bk: Tensor, groups: GroupIndex) -> Tensor:
 
 @register_rule(nn.Linear)
 class LinearRule:
+    transposed = False  # the weight is stored (out, in); Hugging Face's Conv1D stores (in, out)
+
     def param_names(self, module: nn.Module) -> list[str]:
         return trainable(module, "weight", "bias")
 
@@ -110,7 +117,7 @@ class LinearRule:
         A = A.to(Bk.dtype)
         out: dict[str, GroupGrad] = {}
         if "weight" in names:
-            out["weight"] = _weight_grads(A, Bk, groups)
+            out["weight"] = _weight_grads(A, Bk, groups, self.transposed)
         if "bias" in names:
             out["bias"] = _bias_grads(Bk, groups)
         return out
@@ -120,7 +127,8 @@ class LinearRule:
         A = A.to(Bk.dtype)
         out = {}
         if "weight" in names:
-            out["weight"] = Bk.reshape(-1, Bk.shape[-1]).T @ A.reshape(-1, A.shape[-1])
+            a, b = A.reshape(-1, A.shape[-1]), Bk.reshape(-1, Bk.shape[-1])
+            out["weight"] = a.T @ b if self.transposed else b.T @ a
         if "bias" in names:
             out["bias"] = Bk.reshape(-1, Bk.shape[-1]).sum(0)
         return out
