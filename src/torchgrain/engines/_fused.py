@@ -10,7 +10,11 @@ gradient by group (the same FLOPs, m GEMMs instead of one). Per parameter the en
 - keeps nothing but ``A`` and ``Bk`` and recomputes ``d`` as one more weight-gradient GEMM with
   ``Bk_i`` scaled by ``w_{k(i)}`` (the book-keeping mode),
 
-choosing "keep" in parameter order while the kept bytes stay within ``memory_budget``.
+choosing "keep" in parameter order while the kept bytes stay within ``memory_budget`` and the
+rule's cost model does not find recomputing cheaper (``keep_pays``: a Linear weight on very few
+tokens). A rule may also offer a Gram block without group gradients (``ghost_gram``: a Linear
+weight on few tokens), which it takes when its cost model finds it cheaper than both.
+The Linear rules' buffers come from a workspace reused from step to step (``_workspace``).
 
 Exactness: a parameter is served by its rule only if every use of it in the autograd graph is a
 recorded call whose input and output have the batch dimension B first and whose input was not
@@ -269,7 +273,7 @@ class FusedEngine:
                         continue
                     gram += gram_of(total)
                     size = nbytes(total)
-                    if keep_all or self.kept_bytes + size <= self.memory_budget:
+                    if keep_all or (self._fits(size) and self._keep_pays(i, groups.m)):
                         self.kept_bytes += size
                         self._kept[i] = total
                         del self._recompute[i]
@@ -278,8 +282,21 @@ class FusedEngine:
             del grads
         return gram
 
-    @staticmethod
+    def _fits(self, size: int) -> bool:
+        """Whether ``size`` more bytes of kept group gradients stay within the budget."""
+        return self.kept_bytes + size <= self.memory_budget
+
+    def _keep_pays(self, i: int, m: int) -> bool:
+        """Whether keeping parameter i's group gradients is cheaper than recomputing its ``d``
+        (the rules' cost models, e.g. a Linear weight on very few tokens; keep by default)."""
+        for call, pname, bk in self._recompute[i]:
+            pays = getattr(self.hooks.rules[call.module], "keep_pays", None)
+            if pays is not None and not pays(call.module, call.A, bk, m, pname):
+                return False
+        return True
+
     def _ghost(
+        self,
         rule: Any,
         call: Call,
         bk: Tensor,
@@ -290,14 +307,16 @@ class FusedEngine:
     ) -> frozenset[str]:
         """Add the Gram blocks a rule computes without group gradients (``rule.ghost_gram``,
         e.g. a Linear weight on few tokens) to ``gram``; return those parameter names. Only a
-        parameter with a single call qualifies: with more, the cross-call terms are needed."""
+        parameter with a single call qualifies: with more, the cross-call terms are needed. The
+        rule weighs the ghost against keeping the group gradients only if they would fit."""
         ghost = getattr(rule, "ghost_gram", None)
         if ghost is None:
             return frozenset()
         done = set()
         for i, pname in users:
             if len(rule_params[i]) == 1:
-                block = ghost(call.module, call.A, bk, groups, pname)
+                size = groups.m * self._params[i].numel() * bk.element_size()
+                block = ghost(call.module, call.A, bk, groups, pname, self._fits(size))
                 if block is not None:
                     gram += block
                     done.add(pname)

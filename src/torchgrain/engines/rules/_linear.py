@@ -11,8 +11,11 @@ from the tokens instead, without forming any ``M_k`` (the "ghost" Gram):
     G_W = S^T ((A A^T) * (Bk Bk^T)) S        S: (N, m) one-hot token -> group
 
 ``N^2 (in + out)`` FLOPs and an ``(N, N)`` buffer, against ``N in out`` FLOPs and ``m in out``
-stored values; used when ``N (in + out) < in out`` (short sequences: regression on words, small
-batches). ``d`` is then recomputed by one weighted weight-gradient GEMM (:meth:`combine`).
+stored values; ``d`` is then recomputed by one weighted weight-gradient GEMM (:meth:`combine`).
+
+Which of the three exact paths a weight takes — keep the ``M_k`` (``d`` is their weighted sum),
+form them for the Gram only and recompute ``d`` (book-keeping), or the ghost Gram — is decided
+per call by :func:`path_costs`, a cost model of FLOPs and values moved.
 """
 
 from __future__ import annotations
@@ -50,10 +53,44 @@ def _weight_grads(A: Tensor, Bk: Tensor, groups: GroupIndex, transposed: bool = 
 GHOST_MAX_TOKENS = 4096  # at most four (N, N) float32 buffers: 256 MiB
 GHOST_CANCELLATION = 1e-3  # float32 keeps ~4 digits of a Gram diagonal at this cancellation
 
+# The cost model's one constant: the FLOPs a GEMM does in the time one group-gradient value is
+# written or read. Fitted on this project's 2-core CPU (2 threads, float32) to the three paths
+# timed alone on (in, out) = (256, 256), (256, 1024), (384, 1536) for N = 64 to 2,048 tokens at
+# m = 8: with 22 the model picks the fastest path in all 18 cases (the ghost up to N = 128, or
+# 256 for the widest layer; keep above; book-keeping is never the fastest when keeping is
+# allowed). The rule it replaces, ghost iff N (in + out) < in out, lost 1.7x at (256, 256),
+# N = 128. With 12-16 the worst pick costs 1.2x, with 28-40 1.12x.
+FLOPS_PER_VALUE = 22.0
 
-def ghost_weight_gram(A: Tensor, Bk: Tensor, groups: GroupIndex) -> Tensor | None:
+
+def path_costs(tokens: int, d_in: int, d_out: int, m: int) -> dict[str, float]:
+    """Cost, in FLOPs, of each exact path for a ``(d_out, d_in)`` weight called on ``tokens``
+    tokens with m groups (what the paths share — the input gradients, the bias — left out).
+
+    - keep: the m group GEMMs (``2 N in out``), and the ``m in out`` group gradients written,
+      read for the Gram and read for ``d``;
+    - book-keeping: the same GEMMs, written and read once, and ``d``'s own GEMM;
+    - ghost: the two ``(N, N)`` token products and ``d``'s GEMM.
+    """
+    gemm = 2.0 * tokens * d_in * d_out
+    moved = FLOPS_PER_VALUE * m * d_in * d_out
+    return {
+        "keep": gemm + 3 * moved,
+        "bookkeeping": 2 * gemm + 2 * moved,
+        "ghost": 2.0 * tokens**2 * (d_in + d_out) + gemm,
+    }
+
+
+def _tokens(A: Tensor) -> int:
+    return A.numel() // A.shape[-1] if A.dim() else 0
+
+
+def ghost_weight_gram(
+    A: Tensor, Bk: Tensor, groups: GroupIndex, keep: bool = True
+) -> Tensor | None:
     """``(m, m)`` float64 Gram of the weight's group gradients from the tokens, or ``None``
-    when materialising the group gradients is cheaper (see the module docstring).
+    when materialising the group gradients is cheaper by :func:`path_costs` (than keeping them,
+    or, with ``keep=False``, than book-keeping).
 
     Off the CPU only for float64 tensors, with no check: for lower precisions the cancellation
     check would read the block on the host (a sync per layer), and the float64 redo would be slow
@@ -64,7 +101,10 @@ def ghost_weight_gram(A: Tensor, Bk: Tensor, groups: GroupIndex) -> Tensor | Non
     d_in, d_out = A.shape[-1], Bk.shape[-1]
     a, b = A.reshape(-1, d_in), Bk.reshape(-1, d_out)  # (N, in), (N, out)
     N = a.shape[0]
-    if N > GHOST_MAX_TOKENS or N * (d_in + d_out) >= d_in * d_out:
+    if N > GHOST_MAX_TOKENS:
+        return None
+    costs = path_costs(N, d_in, d_out, groups.m)
+    if costs["ghost"] >= min(costs["bookkeeping"], costs["keep"] if keep else math.inf):
         return None
     token_groups = groups.ids.repeat_interleave(N // groups.batch_size)  # (N,)
     onehot = torch.nn.functional.one_hot(token_groups, groups.m)  # (N, m)
@@ -98,12 +138,27 @@ class LinearRule:
         return trainable(module, "weight", "bias")
 
     def ghost_gram(
-        self, module: nn.Module, A: Tensor, Bk: Tensor, groups: GroupIndex, name: str
+        self,
+        module: nn.Module,
+        A: Tensor,
+        Bk: Tensor,
+        groups: GroupIndex,
+        name: str,
+        keep: bool = True,
     ) -> Tensor | None:
-        """The weight's ``(m, m)`` Gram block without its group gradients, when cheaper."""
+        """The weight's ``(m, m)`` Gram block without its group gradients, when cheaper than
+        materialising them (and keeping them, if ``keep``)."""
         if name != "weight":
             return None
-        return ghost_weight_gram(A.to(Bk.dtype), Bk, groups)
+        return ghost_weight_gram(A.to(Bk.dtype), Bk, groups, keep)
+
+    def keep_pays(self, module: nn.Module, A: Tensor, Bk: Tensor, m: int, name: str) -> bool:
+        """Whether keeping this call's group gradients for ``d`` is cheaper than recomputing
+        ``d`` by one more GEMM (book-keeping). Measured on the CPU only: elsewhere, keep."""
+        if name != "weight" or A.device.type != "cpu":
+            return True
+        costs = path_costs(_tokens(A), A.shape[-1], Bk.shape[-1], m)
+        return costs["keep"] <= costs["bookkeeping"]
 
     def group_grads(
         self,
