@@ -45,6 +45,14 @@ def test_step_profile_prints_time_by_kind() -> None:
     assert len(rows) == 3 and "| GEMM |" in out
 
 
+def test_step_paths_prints_each_path_and_the_model_pick() -> None:
+    out = _run("step_paths.py", "--shapes", "16x32", "--tokens", "32", "64", "--repeats", "2")
+    rows = re.findall(r"\| 16x32 \| (\d+) \|( \d+\.\d+ \|){3} (\w+) \| (\w+) \|", out)
+    assert [r[0] for r in rows] == ["32", "64"], out
+    assert all(r[2] in ("keep", "bookkeeping", "ghost") for r in rows)
+    assert "FLOPS_PER_VALUE (now 22)" in out
+
+
 def test_gpu_profile_script_says_so_without_cuda() -> None:
     import torch
 

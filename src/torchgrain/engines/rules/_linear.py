@@ -55,17 +55,22 @@ GHOST_CANCELLATION = 1e-3  # float32 keeps ~4 digits of a Gram diagonal at this 
 
 # The cost model's one constant: the FLOPs a GEMM does in the time one group-gradient value is
 # written or read. Fitted on this project's 2-core CPU (2 threads, float32) to the three paths
-# timed alone on (in, out) = (256, 256), (256, 1024), (384, 1536) for N = 64 to 2,048 tokens at
-# m = 8: with 22 the model picks the fastest path in all 18 cases (the ghost up to N = 128, or
-# 256 for the widest layer; keep above; book-keeping is never the fastest when keeping is
-# allowed). The rule it replaces, ghost iff N (in + out) < in out, lost 1.7x at (256, 256),
-# N = 128. With 12-16 the worst pick costs 1.2x, with 28-40 1.12x.
+# timed alone (``benchmarks/step_paths.py``, log ``step_paths.txt``) on (in, out) = (256, 256),
+# (256, 1024), (384, 1536) for N = 64 to 2,048 tokens at m = 8: with 22 the model picks the
+# fastest path in all 18 cases (the ghost up to N = 128, or 256 for the widest layer; keep
+# above; book-keeping is never the fastest where keeping is allowed); with 12-16 the worst pick
+# took 1.11x the fastest. At m = 16 moving a value costs more than the model says: two of 12
+# picks keep where the ghost was faster, the worse by 1.29x. The rule it replaces, ghost iff
+# N (in + out) < in out, kept at (256, 256), N = 128, where the ghost was 1.7x faster.
 FLOPS_PER_VALUE = 22.0
 
 
-def path_costs(tokens: int, d_in: int, d_out: int, m: int) -> dict[str, float]:
+def path_costs(
+    tokens: int, d_in: int, d_out: int, m: int, flops_per_value: float = FLOPS_PER_VALUE
+) -> dict[str, float]:
     """Cost, in FLOPs, of each exact path for a ``(d_out, d_in)`` weight called on ``tokens``
-    tokens with m groups (what the paths share — the input gradients, the bias — left out).
+    tokens with m groups (what the paths share — the input gradients, the bias — left out;
+    ``benchmarks/step_paths.py`` times them and refits ``flops_per_value``).
 
     - keep: the m group GEMMs (``2 N in out``), and the ``m in out`` group gradients written,
       read for the Gram and read for ``d``;
@@ -73,7 +78,7 @@ def path_costs(tokens: int, d_in: int, d_out: int, m: int) -> dict[str, float]:
     - ghost: the two ``(N, N)`` token products and ``d``'s GEMM.
     """
     gemm = 2.0 * tokens * d_in * d_out
-    moved = FLOPS_PER_VALUE * m * d_in * d_out
+    moved = flops_per_value * m * d_in * d_out
     return {
         "keep": gemm + 3 * moved,
         "bookkeeping": 2 * gemm + 2 * moved,
