@@ -10,6 +10,11 @@ and times them in rounds, one step of each per round in a rotating order. Each r
 ratio per method (its step over the same round's plain step); the table gives the median ratio
 and the middle half of the rounds' ratios [25%, 75%]. No memory figures: ``step.py`` has them.
 
+``--modes deferred`` adds a diagnostic: plain training's gradients computed in the fused
+engine's order (one backward to the layers' outputs, then one weight-gradient GEMM per layer
+over the whole batch), with no groups and no Gram. Its ratio is the part of GRAIN's cost that
+comes from taking the weight gradients after the backward instead of during it.
+
 ``--narrow`` keeps the model's layers and shrinks its widths (hidden 16-72, vocabulary 1,000):
 the kernels then cost next to nothing and the step is the host's time alone (Python, dispatch),
 the cost that bounds a GRAIN step on a GPU (``benchmarks/gpu_profile.sh``). On the CPU a
@@ -29,7 +34,27 @@ import torch
 
 from step_profile import _step_module  # the models of step.py (this folder is on sys.path)
 
-MODES = ("plain", "keep", "bookkeeping")
+MODES = ("plain", "keep", "bookkeeping", "deferred")
+
+
+def _deferred_backward(grain, losses) -> None:  # type: ignore[no-untyped-def]
+    """Plain training's gradients in the fused engine's order: one backward to the recorded
+    layers' outputs (no weight gradients), then each layer's parameter gradients summed over
+    the whole batch by its rule's ``combine`` (for a Linear, one weight-gradient GEMM over all
+    its tokens). No groups, no Gram: the floor of the engine's structure."""
+    engine = grain._engine
+    calls, _ = engine.hooks.take()
+    output_grads = torch.autograd.grad(
+        losses.mean(), [call.edge for call in calls], allow_unused=True
+    )
+    with torch.no_grad():
+        for call, bk in zip(calls, output_grads, strict=True):
+            if bk is None:
+                continue
+            rule = engine.hooks.rules[call.module]
+            for name, grad in rule.combine(call.module, call.A, bk.reshape(call.out_shape)).items():
+                param = call.module._parameters[name]
+                param.grad = grad if param.grad is None else param.grad + grad
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     def make(mode: str):  # type: ignore[no-untyped-def]
         model = copy.deepcopy(base)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        # deferred: GRAIN's hooks record the layers, and the step is _deferred_backward's
         grain = None if mode == "plain" else shared._grain(model, mode, args.groups)
 
         def step() -> float:
@@ -64,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             losses = shared._losses(args, model, ids, labels)
             if grain is None:
                 losses.mean().backward()
+            elif mode == "deferred":
+                _deferred_backward(grain, losses)
             else:
                 grain.backward(losses)
             opt.step()

@@ -13,6 +13,8 @@ instead, and counts per step the kernel launches, the host syncs (``cudaStreamSy
 longer than its busy time is bound by the host (Python, launches, syncs), not by the kernels.
 ``--gemm`` also times, for each weight shape of the small encoder, the one weight-gradient ``mm``
 over all B x T tokens against the ``bmm`` of the m groups' GEMMs that the fused engine runs.
+``--stages`` also times GRAIN's backward by stage (wall time per step, CPU): the backward to the
+layers' outputs, each rule's group gradients, the Gram products, the solve, ``d``, the rest.
 """
 
 from __future__ import annotations
@@ -146,6 +148,71 @@ def _gemm(args: argparse.Namespace) -> None:
         print(f"  {d_in} -> {d_out}: mm {timings['mm']:.2f}, bmm {timings['bmm']:.2f}")
 
 
+def _stages(args: argparse.Namespace, mode: str) -> dict[str, float]:
+    """Milliseconds per step of GRAIN's backward by stage, from timers wrapped around the
+    engine's functions for the timed steps (nested stages are not subtracted from their
+    parent: ``rules and Gram`` contains the rules' rows and the Gram products)."""
+    import torchgrain._grain as grain_module
+    import torchgrain.engines._fused as fused
+    from torchgrain.engines.rules._base import _RULES
+
+    seconds: dict[str, float] = defaultdict(float)
+    patched: list[tuple[object, str, object]] = []
+
+    def timed(owner: object, attr: str, stage: str) -> None:
+        original = getattr(owner, attr)
+
+        def wrapper(*a, **k):  # type: ignore[no-untyped-def]
+            start = time.perf_counter()
+            try:
+                return original(*a, **k)
+            finally:
+                seconds[stage] += time.perf_counter() - start
+
+        patched.append((owner, attr, original))
+        setattr(owner, attr, wrapper)
+
+    shared = _step_module()
+    model = shared._build(args, lora=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    ids, labels = shared._inputs(args, "cpu")
+    grain = shared._grain(model, mode, args.groups)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        losses = shared._losses(args, model, ids, labels)
+        start = time.perf_counter()
+        grain.backward(losses)
+        seconds["backward (all)"] += time.perf_counter() - start
+        opt.step()
+
+    step()
+    step()
+    rules = {type(rule) for _, rule in _RULES}
+    timed(fused.FusedEngine, "gram", "engine.gram")
+    timed(fused.torch.autograd, "grad", "  backward to the layers' outputs")
+    timed(fused.FusedEngine, "_rule_grams", "  rules and Gram")
+    for rule in sorted(rules, key=lambda r: r.__name__):
+        if "group_grads" in vars(rule):  # a subclass that inherits it counts under its parent
+            timed(rule, "group_grads", f"    {rule.__name__}.group_grads")
+    timed(fused, "gram_of", "    Gram products")
+    timed(grain_module.GRAIN, "_solve", "solve")
+    timed(fused.FusedEngine, "combine", "d (combine)")
+    seconds.clear()
+    try:
+        for _ in range(args.steps):
+            step()
+    finally:
+        for owner, attr, original in reversed(patched):
+            setattr(owner, attr, original)
+    per_step = {k: v / args.steps * 1e3 for k, v in seconds.items()}
+    inside = ("engine.gram", "solve", "d (combine)")
+    per_step["rest (checks, stats, writes)"] = per_step["backward (all)"] - sum(
+        per_step.get(k, 0.0) for k in inside
+    )
+    return per_step
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -160,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top", type=int, default=12, help="operators listed")
     parser.add_argument("--gemm", action="store_true", help="also time mm against bmm")
+    parser.add_argument("--stages", action="store_true", help="also time GRAIN's stages (CPU)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument(
         "--autocast", action="store_true", help="the forward under bfloat16 autocast"
@@ -195,6 +263,18 @@ def main(argv: list[str] | None = None) -> int:
                   f"{plain_op.get(name, 0.0) * 1e3:.1f})")  # fmt: skip
     if args.gemm:
         _gemm(args)
+    if args.stages and not cuda:
+        stages = {mode: _stages(args, mode) for mode in ("keep", "bookkeeping")}
+        first = ["backward (all)", "engine.gram", "  backward to the layers' outputs"]
+        found = [k for table in stages.values() for k in table]
+        rows = sorted({k for k in found if k.startswith("    ")})
+        names = [*first, "  rules and Gram", *rows, "solve", "d (combine)"]
+        names.append("rest (checks, stats, writes)")
+        print(f"\nGRAIN's backward by stage (ms per step, mean of {args.steps} steps)")
+        print("| stage | keep | bookkeeping |\n|---|---|---|")
+        for name in names:
+            cells = " | ".join(f"{stages[m].get(name, 0.0):.1f}" for m in stages)
+            print(f"| {name} | {cells} |")
     return 0
 
 

@@ -28,10 +28,10 @@ def _run(script: str, *args: str) -> str:
 def test_step_paired_prints_a_ratio_per_mode() -> None:
     out = _run(
         "step_paired.py", "--model", "bert-small", "--narrow", "--batch", "4", "--tokens", "4",
-        "--groups", "2", "--rounds", "4",
+        "--groups", "2", "--rounds", "4", "--modes", "keep", "bookkeeping", "deferred",
     )  # fmt: skip
     assert "bert-small (narrow), B=4, T=4, m=2" in out
-    for mode in ("keep", "bookkeeping"):
+    for mode in ("keep", "bookkeeping", "deferred"):
         row = rf"\| {mode} \| \d+\.\d\dx \| \[\d+\.\d\d, \d+\.\d\d\] \|"
         assert re.search(row, out), out
 
@@ -43,6 +43,16 @@ def test_step_profile_prints_time_by_kind() -> None:
     )  # fmt: skip
     rows = [line for line in out.splitlines() if line.startswith(("| plain", "| keep", "| book"))]
     assert len(rows) == 3 and "| GEMM |" in out
+
+
+def test_step_profile_stages_time_grains_backward() -> None:
+    out = _run(
+        "step_profile.py", "--model", "bert-small", "--batch", "4", "--tokens", "4",
+        "--groups", "2", "--steps", "1", "--top", "1", "--stages",
+    )  # fmt: skip
+    for stage in ("backward (all)", "backward to the layers' outputs", "Gram products", "solve"):
+        assert re.search(rf"\| +{re.escape(stage)} \| \d+\.\d \| \d+\.\d \|", out), out
+    assert "LinearRule.group_grads" in out and "d (combine)" in out
 
 
 def test_step_paths_prints_each_path_and_the_model_pick() -> None:
@@ -65,3 +75,30 @@ def test_gpu_profile_script_says_so_without_cuda() -> None:
         env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable},
     )
     assert done.returncode == 0 and "no CUDA device" in done.stdout, done.stderr
+
+
+def test_the_deferred_mode_gives_plain_trainings_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``step_paired.py``'s floor diagnostic computes the same gradients as ``backward()``."""
+    import argparse
+    import copy
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from step_paired import _deferred_backward
+    from step_profile import _step_module
+
+    args = argparse.Namespace(model="bert-small", narrow=True, batch=4, tokens=6, autocast=False)
+    shared = _step_module()
+    base = shared._build(args, lora=False).eval()  # no dropout: the same forward twice
+    ids, labels = shared._inputs(args, "cpu", low=0, high=base.config.vocab_size)
+    plain, deferred = copy.deepcopy(base), copy.deepcopy(base)
+    shared._losses(args, plain, ids, labels).mean().backward()
+    grain = shared._grain(deferred, "keep", 2)
+    _deferred_backward(grain, shared._losses(args, deferred, ids, labels))
+    for p, q in zip(plain.parameters(), deferred.parameters(), strict=True):
+        if p.grad is None:
+            assert q.grad is None
+            continue
+        assert q.grad is not None
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6)
