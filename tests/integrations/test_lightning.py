@@ -122,11 +122,12 @@ def test_bf16_mixed_forward_with_the_gram_outside_autocast(tmp_path: Path) -> No
     trainer = _trainer(tmp_path, precision="bf16-mixed", max_steps=1)
     trainer.fit(module, DataLoader(_data(), batch_size=B))
     net = _mlp()
+    grain = torchgrain.GRAIN(net, num_groups=4)  # before the forward: the same engine paths
     x, y = _data()[:B]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = net(x)  # (B, 3) in bfloat16
     losses = nn.functional.cross_entropy(logits.float(), y, reduction="none")
-    expected = torchgrain.GRAIN(net, num_groups=4).backward(losses)
+    expected = grain.backward(losses)
     # The bf16 forward itself may round differently from run to run with 2 threads (7e-5 relative
     # in this Gram was seen); a Gram from bf16 GEMMs is off by 3e-3. tests/test_autocast.py checks
     # the guard in GRAIN itself at 1e-6.
