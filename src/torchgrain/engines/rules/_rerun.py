@@ -24,6 +24,7 @@ its samples and tokens — a third of the re-run's time at BERT's sizes on the C
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -57,20 +58,21 @@ def per_sample_stock_norm(module: nn.Module, A: Tensor, Bk: Tensor) -> dict[str,
     for PyTorch's own ``nn.LayerNorm`` and ``nn.RMSNorm`` (a subclass qualifies if it keeps their
     ``forward``): ``Bk * n(A)`` (weight) and ``Bk`` (bias) summed over each sample's tokens, with
     ``n(A)`` the parameter-free normalisation. ``None`` for any other module."""
-    wide = _wide(Bk)
-    x = A.detach().to(torch.promote_types(_wide(A).dtype, wide.dtype))
+    normalize: Any  # the parameter-free normalisation, n(A)
     if isinstance(module, nn.LayerNorm) and type(module).forward is nn.LayerNorm.forward:
         shape = tuple(module.normalized_shape)
-        normalized = F.layer_norm(x, shape, eps=module.eps)
+        normalize = functools.partial(F.layer_norm, normalized_shape=shape, eps=module.eps)
     elif (
         hasattr(nn, "RMSNorm")  # torch >= 2.4
         and isinstance(module, nn.RMSNorm)
         and type(module).forward is nn.RMSNorm.forward
     ):
         shape = tuple(module.normalized_shape)
-        normalized = F.rms_norm(x, shape, eps=module.eps)
+        normalize = functools.partial(F.rms_norm, normalized_shape=shape, eps=module.eps)
     else:
         return None
+    wide = _wide(Bk)
+    normalized = normalize(A.detach().to(torch.promote_types(_wide(A).dtype, wide.dtype)))
     out = {}
     for n in own_trainable(module):
         per_token = normalized.mul_(wide) if n == "weight" else wide
