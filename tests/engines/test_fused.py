@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 import torchgrain
 from tests._models import CNN, TiedLM, lm_losses, mlp, per_sample_ce
+from torchgrain.engines import FusedEngine
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -401,7 +402,9 @@ def test_forward_without_grain_backward_does_not_spoil_the_next_step() -> None:
 
 @pytest.mark.parametrize("budget", [0, float("inf")], ids=["bookkeeping", "keep"])
 @pytest.mark.parametrize("name", ["hf_gpt2", "mlp_inplace_relu_3d"])
-def test_group_gradient_buffers_are_reused_and_stay_exact(name: str, budget: float) -> None:
+def test_group_gradient_buffers_are_reused_and_stay_exact(
+    name: str, budget: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The Linear (and GPT-2 Conv1D) group gradients go into buffers the engine reuses: from the
     second step on no new one is allocated, and every step still equals the loop engine's."""
     if name.startswith("hf_"):
@@ -413,16 +416,26 @@ def test_group_gradient_buffers_are_reused_and_stay_exact(name: str, budget: flo
     fused = torchgrain.GRAIN(model, num_groups=3, engine="fused", memory_budget=budget)
     loop = torchgrain.GRAIN(reference, num_groups=3, engine="loop")
     workspace = fused._engine._workspace
+    kept: list[int] = []  # parameters kept at each combine
+    combine = FusedEngine.combine
+
+    def counting(self: FusedEngine, weights: Tensor) -> list[Tensor | None]:
+        kept.append(len(self._kept))
+        return combine(self, weights)
+
+    monkeypatch.setattr(FusedEngine, "combine", counting)
+    B = 12  # enough tokens that the cost model keeps rather than recomputes (budget allowing)
     for step in range(3):
         for net, grain in ((model, fused), (reference, loop)):
             net.zero_grad(set_to_none=True)
-            batch = [t[torch.randperm(10, generator=_gen(step))] for t in case.batch(10)]
+            batch = [t[torch.randperm(B, generator=_gen(step))] for t in case.batch(B)]
             grain.backward(case.losses(net, tuple(batch)))
         _assert_grads_close(_grads(model), _grads(reference))
         if step == 0:
             first = workspace.allocations
             assert first > 0 and workspace.nbytes > 0  # given back for the next step
     assert workspace.allocations == first
+    assert all(k > 0 for k in kept) if budget else not any(kept)
     if budget == 0:  # book-keeping gives a buffer back after its Gram: same-shaped layers share
         layers = [mod for mod in model.modules() if type(mod).__name__ in ("Linear", "Conv1D")]
         assert first <= len({mod.weight.shape for mod in layers})
