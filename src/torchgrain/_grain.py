@@ -98,7 +98,10 @@ class GRAIN:
             negatives) is not detectable: use ``"loop"`` for it.
         memory_budget: bytes of group gradients the fused engine may keep per step (default
             1 GiB); past it, layers recompute ``d`` from their kept inputs and output gradients
-            (one more weight-gradient GEMM, little memory). ``0`` keeps none. Inside
+            (one more weight-gradient GEMM, little memory). ``0`` keeps none. Within the budget
+            a cost model still picks each Linear weight's path: a weight on very few tokens is
+            recomputed, or takes its Gram from the tokens, where that is cheaper. On the CPU
+            the kept buffers are reused from step to step (held until :meth:`close`). Inside
             :meth:`accumulate` and across data-parallel ranks every group gradient is computed
             whatever the budget: they are held to the block's end, or streamed to the other
             ranks as they are finished. On an FSDP2 model, a step whose ``m`` full-size group

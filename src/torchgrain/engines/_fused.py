@@ -51,7 +51,8 @@ class FusedEngine:
     Args:
         model: the model (hooked once, at construction, by a :class:`HookManager`).
         memory_budget: bytes of group gradients the engine may keep between ``gram`` and
-            ``combine``; parameters past it use the book-keeping mode. ``0`` keeps none.
+            ``combine``; parameters past it use the book-keeping mode, as do those whose rule
+            finds recomputing ``d`` cheaper (``keep_pays``). ``0`` keeps none.
         expand_broadcast: see :class:`HookManager`.
     """
 
