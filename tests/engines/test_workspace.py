@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from torchgrain.engines._workspace import Workspace, empty
+from torchgrain.engines._workspace import FLAT_HEADROOM, Workspace, empty, empty_flat
 
 CPU = torch.device("cpu")
 
@@ -54,3 +54,45 @@ def test_empty_takes_from_the_active_workspace_only() -> None:
     with ws.active():
         assert empty((5,), dtype=torch.float32, device=CPU) is buffer
     assert empty((5,), dtype=torch.float32, device=CPU) is not buffer
+
+
+def test_a_flat_buffer_serves_any_request_it_holds_and_is_given_back_through_a_view() -> None:
+    """The embeddings' rows change in number from step to step: ``take_flat`` lends the head of
+    a 1-D buffer with headroom, and a view of it (the rows reshaped) gives the buffer back."""
+    ws = Workspace()
+    head = ws.take_flat(80, torch.float32, CPU)
+    assert head.shape == (80,) and head._base is not None
+    buffer = head._base
+    assert buffer.numel() == 80 + int(80 * FLAT_HEADROOM)
+    ws.give(head.view(4, 20)[1:])  # any view of the lent buffer returns all of it
+    ws.begin()
+    again = ws.take_flat(85, torch.float32, CPU)  # a few more rows next step: still fits
+    assert again._base is buffer and again.shape == (85,)
+    ws.give(again.view(5, 17))
+    assert ws.take_flat(200, torch.float32, CPU)._base is not buffer  # too short: a new one
+    assert ws.take_flat(10, torch.float64, CPU)._base is not buffer  # another dtype
+    assert ws.take_flat(10, torch.float32, CPU)._base is buffer
+    assert ws.allocations == 3
+
+
+def test_the_shortest_flat_buffer_that_fits_is_lent() -> None:
+    ws = Workspace()
+    short, long = ws.take_flat(10, torch.float32, CPU), ws.take_flat(100, torch.float32, CPU)
+    ws.give(long)
+    ws.give(short)
+    assert ws.take_flat(50, torch.float32, CPU)._base is long._base
+    assert ws.take_flat(5, torch.float32, CPU)._base is short._base
+
+
+def test_a_flat_buffer_not_given_back_within_its_step_is_forgotten() -> None:
+    """A buffer handed on (to an accumulation block, another rank) is its holder's: giving a view
+    of it back in a later step, or a view of a tensor the workspace never lent, keeps nothing."""
+    ws = Workspace()
+    lent = ws.take_flat(8, torch.float32, CPU)
+    ws.begin()
+    ws.give(lent)
+    ws.give(torch.empty(8)[:4])
+    assert ws.nbytes == 0
+    with ws.active():
+        assert empty_flat(8, dtype=torch.float32, device=CPU)._base is not lent._base
+    assert empty_flat(8, dtype=torch.float32, device=CPU)._base is None  # none active: a tensor

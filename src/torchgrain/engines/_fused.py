@@ -14,7 +14,8 @@ choosing "keep" in parameter order while the kept bytes stay within ``memory_bud
 rule's cost model does not find recomputing cheaper (``keep_pays``: a Linear weight on very few
 tokens). A rule may also offer a Gram block without group gradients (``ghost_gram``: a Linear
 weight on few tokens), which it takes when its cost model finds it cheaper than both.
-The Linear rules' buffers come from a workspace reused from step to step (``_workspace``).
+The Linear and Embedding rules' buffers come from a workspace reused from step to step
+(``_workspace``).
 
 Exactness: a parameter is served by its rule only if every use of it in the autograd graph is a
 recorded call whose input and output have the batch dimension B first and whose input was not
@@ -40,7 +41,7 @@ from torchgrain.engines._hooks import Call, HookManager, count_uses
 from torchgrain.engines._loop import LoopEngine, per_group_gradients
 from torchgrain.engines._workspace import Workspace
 from torchgrain.engines.rules import find_rule
-from torchgrain.engines.rules._base import GroupGrad, add, gram_of, nbytes, weighted_sum
+from torchgrain.engines.rules._base import GroupGrad, Rows, add, gram_of, nbytes, weighted_sum
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of kept group gradients (1 GiB)
 
@@ -261,7 +262,11 @@ class FusedEngine:
                 grads = rule.group_grads(call.module, call.A, bk, groups)
             for i, pname in todo:
                 shape = self._params[i].shape
-                pending[i] = add(pending.get(i), grads[pname], shape)
+                before, new = pending.get(i), grads[pname]
+                pending[i] = add(before, new, shape)
+                for part in (before, new):  # summed into the other or into new rows
+                    if part is not None and part is not pending[i]:
+                        self._workspace.give(part.values if isinstance(part, Rows) else part)
                 self._recompute.setdefault(i, []).append((call, pname, bk))
                 remaining[i] -= 1
                 if remaining[i] == 0:  # every call of this parameter is in: its Gram, keep or not
@@ -278,8 +283,8 @@ class FusedEngine:
                         self.kept_bytes += size
                         self._kept[i] = total
                         del self._recompute[i]
-                    elif isinstance(total, Tensor):  # book-keeping: its buffer serves the next
-                        self._workspace.give(total)
+                    else:  # book-keeping: its buffer serves the next
+                        self._workspace.give(total.values if isinstance(total, Rows) else total)
             del grads
         return gram
 
@@ -365,8 +370,8 @@ class FusedEngine:
         out: list[Tensor | None] = [None] * len(self._params)
         for i, grads in self._kept.items():
             out[i] = weighted_sum(weights, grads, self._params[i].shape).to(self._params[i].dtype)
-            if isinstance(grads, Tensor):
-                self._workspace.give(grads)  # held by nothing else: d is a new tensor
+            # held by nothing else: d is a new tensor
+            self._workspace.give(grads.values if isinstance(grads, Rows) else grads)
         for i, stack in self._fallback_grads.items():
             out[i] = torch.tensordot(weights.to(stack.dtype), stack, dims=1)
 

@@ -172,6 +172,24 @@ def test_rows_add_coalesces_duplicate_rows() -> None:
     assert isinstance(total, Rows) and total.index.tolist() == [1, 4, 6]
 
 
+@pytest.mark.parametrize("order", ["dense first", "rows first"])
+def test_add_sums_rows_and_dense_into_the_dense_tensor(order: str) -> None:
+    """A tied embedding and output layer: the embedding's rows go into the output layer's dense
+    group gradients in place, with no new (m, V, d) tensor."""
+    shape = torch.Size([8, 3])
+    g = torch.Generator().manual_seed(0)
+    dense = torch.randn(2, *shape, generator=g, dtype=torch.float64)
+    rows = Rows(torch.tensor([1, 4, 6]), torch.randn(2, 3, 3, generator=g, dtype=torch.float64))
+    expected = dense + to_dense(rows, shape)
+    total = add(dense, rows, shape) if order == "dense first" else add(rows, dense, shape)
+    assert total is dense
+    torch.testing.assert_close(total, expected, rtol=0, atol=0)
+    other = torch.randn(2, *shape, generator=g, dtype=torch.float64)
+    expected = total + other
+    assert add(total, other, shape) is total
+    torch.testing.assert_close(total, expected, rtol=0, atol=0)
+
+
 def test_embedding_options_that_couple_samples_have_no_rule_params() -> None:
     for module in (
         nn.Embedding(5, 2, scale_grad_by_freq=True),

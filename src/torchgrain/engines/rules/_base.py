@@ -103,7 +103,11 @@ def to_dense(grad: GroupGrad, shape: torch.Size) -> Tensor:
 
 
 def add(a: GroupGrad | None, b: GroupGrad, shape: torch.Size) -> GroupGrad:
-    """The sum of two calls' group gradients of one parameter (tied or reused weights)."""
+    """The sum of two calls' group gradients of one parameter (tied or reused weights).
+
+    A dense operand is summed into in place (the engine owns what rules return), so a tied
+    embedding and output layer cost no new ``(m, V, d)`` tensor; two :class:`Rows` give new rows.
+    """
     if a is None:
         return b
     if isinstance(a, Rows) and isinstance(b, Rows):
@@ -111,7 +115,11 @@ def add(a: GroupGrad | None, b: GroupGrad, shape: torch.Size) -> GroupGrad:
         values = a.values.new_zeros(a.values.shape[0], index.shape[0], a.values.shape[2])
         values.index_add_(1, inverse, torch.cat([a.values, b.values], dim=1))
         return Rows(index, values)
-    return to_dense(a, shape) + to_dense(b, shape)
+    dense, other = (b, a) if isinstance(a, Rows) else (a, b)
+    assert isinstance(dense, Tensor)
+    if isinstance(other, Rows):
+        return dense.index_add_(1, other.index, other.values)
+    return dense.add_(other)
 
 
 def cat(

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from torchgrain.engines._groups import GroupIndex
+from torchgrain.engines._workspace import empty_flat
 from torchgrain.engines.rules._base import GroupGrad, Rows, register_rule, trainable
 
 
@@ -38,9 +39,10 @@ class EmbeddingRule:
         # Host sync: the number of distinct tokens U sizes the rows kept (one read per call).
         index, inverse = torch.unique(tokens, return_inverse=True)  # (U,), (N,)
         flat = groups.ids[sample] * index.shape[0] + inverse  # (N,) row of (m * U)
-        values = grads.new_zeros(groups.m * index.shape[0], grads.shape[1]).index_add_(
-            0, flat, grads
-        )
+        rows, d = groups.m * index.shape[0], grads.shape[1]
+        # the (m * U, d) rows: tens of MB at B x T = 4,096 tokens, reused from step to step
+        values = empty_flat(rows * d, dtype=grads.dtype, device=grads.device).view(rows, d)
+        values.zero_().index_add_(0, flat, grads)
         return {"weight": Rows(index, values.reshape(groups.m, index.shape[0], -1))}
 
     def combine(self, module: nn.Module, A: Tensor, Bk: Tensor) -> dict[str, Tensor]:
