@@ -56,11 +56,24 @@ def test_step_profile_stages_time_grains_backward() -> None:
 
 
 def test_step_paths_prints_each_path_and_the_model_pick() -> None:
-    out = _run("step_paths.py", "--shapes", "16x32", "--tokens", "32", "64", "--repeats", "2")
-    rows = re.findall(r"\| 16x32 \| (\d+) \|( \d+\.\d+ \|){3} (\w+) \| (\w+) \|", out)
-    assert [r[0] for r in rows] == ["32", "64"], out
-    assert all(r[2] in ("keep", "bookkeeping", "ghost") for r in rows)
-    assert "FLOPS_PER_VALUE (now 22)" in out
+    out = _run(
+        "step_paths.py",
+        "--shapes",
+        "16x32",
+        "--tokens",
+        "32",
+        "64",
+        "--groups",
+        "2",
+        "4",
+        "--repeats",
+        "2",
+    )
+    rows = re.findall(r"\| (\d) \| 16x32 \| (\d+) \|( \d+\.\d+ \|){3} (\w+) \| (\w+) \|", out)
+    assert [(r[0], r[1]) for r in rows] == [("2", "32"), ("2", "64"), ("4", "32"), ("4", "64")], out
+    assert all(r[3] in ("keep", "bookkeeping", "ghost") for r in rows)
+    assert "now 8 and 6:" in out
+    assert len(re.findall(r"^\| \d+ \|( \d+\.\d+x \|){6}$", out, re.M)) == 6, out  # the refit
 
 
 def test_gpu_profile_script_says_so_without_cuda() -> None:

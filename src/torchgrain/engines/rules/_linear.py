@@ -53,35 +53,45 @@ def _weight_grads(A: Tensor, Bk: Tensor, groups: GroupIndex, transposed: bool = 
 GHOST_MAX_TOKENS = 4096  # at most four (N, N) float32 buffers: 256 MiB
 GHOST_CANCELLATION = 1e-3  # float32 keeps ~4 digits of a Gram diagonal at this cancellation
 
-# The cost model's one constant: the FLOPs a GEMM does in the time one group-gradient value is
-# written or read. Fitted on this project's 2-core CPU (2 threads, float32) to the three paths
-# timed alone (``benchmarks/step_paths.py``, log ``step_paths.txt``) on (in, out) = (256, 256),
-# (256, 1024), (384, 1536) for N = 64 to 2,048 tokens at m = 8: with 22 the model picks the
-# fastest path in all 18 cases (the ghost up to N = 128, or 256 for the widest layer; keep
-# above; book-keeping is never the fastest where keeping is allowed); with 12-16 the worst pick
-# took 1.11x the fastest. At m = 16 moving a value costs more than the model says: two of 12
-# picks keep where the ghost was faster, the worse by 1.29x. The rule it replaces, ghost iff
+# The cost model's two constants, in FLOPs of a GEMM: the time one group-gradient value takes to
+# write or read (FLOPS_PER_VALUE), and the time one product of the Gram takes (FLOPS_PER_PRODUCT:
+# m^2 of them per value, in (m, P) x (P, m) GEMMs far below a square GEMM's rate). Fitted on this
+# project's 2-core CPU (2 threads, float32) to the three paths timed alone
+# (``benchmarks/step_paths.py``, log ``step_paths.txt``) on (in, out) = (256, 256), (256, 1024),
+# (384, 1536) for N = 64 to 2,048 tokens at m = 8 and 16: with 8 and 6 the model picks the
+# fastest path in all 36 cases (the ghost up to N = 128 or 256 at m = 8, up to 256 or 512 at
+# m = 16; keep above). The one-constant model before it (22 per value, the Gram not counted
+# apart) picked keep for two m = 16 cases where the ghost was 1.08-1.29x faster, since the
+# Gram's m^2 products per value outgrow the m values moved. The rule before that, ghost iff
 # N (in + out) < in out, kept at (256, 256), N = 128, where the ghost was 1.7x faster.
-FLOPS_PER_VALUE = 22.0
+FLOPS_PER_VALUE = 8.0
+FLOPS_PER_PRODUCT = 6.0
 
 
 def path_costs(
-    tokens: int, d_in: int, d_out: int, m: int, flops_per_value: float = FLOPS_PER_VALUE
+    tokens: int,
+    d_in: int,
+    d_out: int,
+    m: int,
+    flops_per_value: float = FLOPS_PER_VALUE,
+    flops_per_product: float = FLOPS_PER_PRODUCT,
 ) -> dict[str, float]:
     """Cost, in FLOPs, of each exact path for a ``(d_out, d_in)`` weight called on ``tokens``
     tokens with m groups (what the paths share — the input gradients, the bias — left out;
-    ``benchmarks/step_paths.py`` times them and refits ``flops_per_value``).
+    ``benchmarks/step_paths.py`` times them and refits the two constants).
 
-    - keep: the m group GEMMs (``2 N in out``), and the ``m in out`` group gradients written,
-      read for the Gram and read for ``d``;
-    - book-keeping: the same GEMMs, written and read once, and ``d``'s own GEMM;
+    - keep: the m group GEMMs (``2 N in out``), the ``m in out`` group gradients written, read
+      for the Gram (``m^2 in out`` products) and read for ``d``;
+    - book-keeping: the same GEMMs, written and read once for the same Gram, and ``d``'s own
+      GEMM;
     - ghost: the two ``(N, N)`` token products and ``d``'s GEMM.
     """
     gemm = 2.0 * tokens * d_in * d_out
     moved = flops_per_value * m * d_in * d_out
+    gram = flops_per_product * m * m * d_in * d_out
     return {
-        "keep": gemm + 3 * moved,
-        "bookkeeping": 2 * gemm + 2 * moved,
+        "keep": gemm + 3 * moved + gram,
+        "bookkeeping": 2 * gemm + 2 * moved + gram,
         "ghost": 2.0 * tokens**2 * (d_in + d_out) + gemm,
     }
 
