@@ -16,6 +16,7 @@ from torch import Tensor, nn
 import torchgrain
 from tests._models import CNN, TiedLM, lm_losses, mlp, per_sample_ce
 from torchgrain.engines import FusedEngine
+from torchgrain.engines._hooks import reaches
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -462,3 +463,49 @@ def test_an_accumulation_block_after_plain_steps_stays_exact() -> None:
                 batch = tuple(t[torch.randperm(6, generator=_gen(seed))] for t in case.batch(6))
                 grain.backward(case.losses(net, batch))
     _assert_grads_close(_grads(model), _grads(reference))
+
+
+@pytest.mark.parametrize(
+    ("budget", "asked"),
+    [(float("inf"), 1), (0, 1), (1 << 30, 1), (1000, 3)],
+    ids=["keep", "bookkeeping", "default", "some-fit"],
+)
+def test_layers_are_served_as_their_output_gradients_arrive(
+    budget: float, asked: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the CPU the backward asks autograd only for the layers with no recorded layer below
+    them (here the embedding); the others are served from hooks as their output gradient
+    arrives, so none is held to the end of the backward. Where the budget keeps some parameters
+    and not others, which ones depends on the order: every layer is then asked for and served
+    in parameter order. Exact either way, the tied weight's two calls included."""
+    case = CASES["tied_embedding_lm"]
+    torch.manual_seed(0)
+    model = case.build().double()
+    ref_stats, ref = _run(case, copy.deepcopy(model), "loop", 3)
+    edges: list[int] = []
+    grad = torch.autograd.grad
+
+    def counting(outputs, inputs, **kwargs):  # type: ignore[no-untyped-def]
+        edges.append(len(inputs))
+        return grad(outputs, inputs, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting)
+    stats, got = _run(case, model, "fused", 3, memory_budget=budget)
+    assert edges == [asked]
+    assert _rel(stats.gram, ref_stats.gram) <= 1e-12
+    _assert_grads_close(got, ref, tol=1e-12)
+
+
+def test_reaches_finds_the_nodes_above_the_targets() -> None:
+    """A chain x -> a -> b -> c with a side branch d from a: the nodes that reach ``a``'s node
+    are those of b, c and the root, not d's own branch below the root's other input."""
+    x = torch.randn(3, requires_grad=True)
+    a = x * 2
+    b = a.sin()
+    c = b.exp()
+    d = x.cos()
+    root = c.sum() + d.sum()
+    found = reaches(root.grad_fn, {a.grad_fn})
+    assert {b.grad_fn, c.grad_fn, root.grad_fn} <= found
+    assert a.grad_fn not in found and d.grad_fn not in found
+    assert reaches(root.grad_fn, {a.grad_fn, c.grad_fn}) >= {c.grad_fn}  # c lies above a

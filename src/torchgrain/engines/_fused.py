@@ -15,7 +15,9 @@ rule's cost model does not find recomputing cheaper (``keep_pays``: a Linear wei
 tokens). A rule may also offer a Gram block without group gradients (``ghost_gram``: a Linear
 weight on few tokens), which it takes when its cost model finds it cheaper than both.
 The Linear and Embedding rules' buffers come from a workspace reused from step to step
-(``_workspace``).
+(``_workspace``). On the CPU each layer's rule is served as its ``Bk`` arrives (a hook on its
+output's autograd node), so that autograd frees ``Bk`` as plain training would, wherever the
+order cannot change which parameters are kept (all fit ``memory_budget``, or none).
 
 Exactness: a parameter is served by its rule only if every use of it in the autograd graph is a
 recorded call whose input and output have the batch dimension B first and whose input was not
@@ -37,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from torchgrain.engines._groups import GroupIndex
-from torchgrain.engines._hooks import Call, HookManager, count_uses
+from torchgrain.engines._hooks import Call, HookManager, count_uses, reaches
 from torchgrain.engines._loop import LoopEngine, per_group_gradients
 from torchgrain.engines._workspace import Workspace
 from torchgrain.engines.rules import find_rule
@@ -180,18 +182,11 @@ class FusedEngine:
                     self._fallback_grads[i] = stack
                     gram += gram_of(stack)
         if edges:
-            bks = torch.autograd.grad(
-                group_losses.sum(),
-                [c.edge for c in edges],
-                allow_unused=True,
-                retain_graph=retain_graph,
-            )
-            bk_of: dict[int, Tensor] = {
-                id(c): None if bk is None else bk.reshape(c.out_shape)
-                for c, bk in zip(edges, bks, strict=True)
-            }
+            root = group_losses.sum()  # the backward's root, built with autograd on
             with self._workspace.active(), torch.no_grad():
-                gram += self._rule_grams(rule_params, bk_of, groups, keep_groups, sink)
+                gram += self._rule_grams(
+                    rule_params, edges, root, groups, keep_groups, sink, retain_graph
+                )
         return gram
 
     def _cover(
@@ -223,39 +218,70 @@ class FusedEngine:
     def _rule_grams(
         self,
         rule_params: dict[int, list[tuple[Call, str]]],
-        bk_of: dict[int, Tensor],
+        edges: list[Call],
+        root: Tensor,
         groups: GroupIndex,
         keep_all: bool,
         sink: Callable[[int, GroupGrad], None] | None,
+        retain_graph: bool,
     ) -> Tensor:
+        """The rules' Gram blocks: one backward to the recorded layers' outputs, each layer's
+        rule served its output gradient ``Bk``.
+
+        Streamed where the order cannot matter (see :meth:`_streams`): a layer is served from a
+        hook on its output's autograd node, as its ``Bk`` arrives, and autograd frees ``Bk``
+        once the backward has passed it, as in plain training; only the layers with no recorded
+        layer below them are asked of ``autograd.grad``. Otherwise every ``Bk`` is held until
+        the backward ends and the layers are served in parameter order.
+        """
         gram = torch.zeros(groups.m, groups.m, dtype=torch.float64, device=groups.ids.device)
         pending: dict[int, GroupGrad | None] = {}
         remaining = {i: len(v) for i, v in rule_params.items()}
         users: dict[int, list[tuple[int, str]]] = {}
-        calls: dict[int, Call] = {}
         for i, pairs in rule_params.items():
             for call, pname in pairs:
                 users.setdefault(id(call), []).append((i, pname))
-                calls[id(call)] = call
-        for key, call in calls.items():
-            bk = bk_of[key]
+
+        def finish(i: int) -> None:  # every call of parameter i is in: its Gram, keep or not
+            total = pending.pop(i, None)
+            if total is None:
+                return
+            if sink is not None:  # on its way to the other ranks; not kept here
+                del self._recompute[i]
+                sink(i, total)
+                return
+            nonlocal gram
+            gram += gram_of(total)
+            size = nbytes(total)
+            if keep_all or (self._fits(size) and self._keep_pays(i, groups.m)):
+                self.kept_bytes += size
+                self._kept[i] = total
+                del self._recompute[i]
+            else:  # book-keeping: its buffer serves the next
+                self._workspace.give(total.values if isinstance(total, Rows) else total)
+
+        def serve(call: Call, bk: Tensor | None) -> None:
+            mine = users[id(call)]
             if bk is None:  # this call's output does not reach the losses
-                for i, _ in users[key]:
+                for i, _ in mine:
                     remaining[i] -= 1
-                continue
+                    if remaining[i] == 0:
+                        finish(i)
+                return
+            bk = bk.reshape(call.out_shape)
             rule = self.hooks.rules[call.module]
             ghosted = (
                 frozenset()
                 if keep_all
-                else self._ghost(rule, call, bk, groups, users[key], rule_params, gram)
+                else self._ghost(rule, call, bk, groups, mine, rule_params, gram)
             )
-            for i, pname in users[key]:
+            for i, pname in mine:
                 if pname in ghosted:
                     self._recompute.setdefault(i, []).append((call, pname, bk))
                     remaining[i] -= 1
-            todo = [(i, pname) for i, pname in users[key] if pname not in ghosted]
+            todo = [(i, pname) for i, pname in mine if pname not in ghosted]
             if not todo:
-                continue
+                return
             if ghosted:
                 grads = rule.group_grads(call.module, call.A, bk, groups, skip=ghosted)
             else:
@@ -269,24 +295,59 @@ class FusedEngine:
                         self._workspace.give(part.values if isinstance(part, Rows) else part)
                 self._recompute.setdefault(i, []).append((call, pname, bk))
                 remaining[i] -= 1
-                if remaining[i] == 0:  # every call of this parameter is in: its Gram, keep or not
-                    total = pending.pop(i)
-                    if total is None:
-                        continue
-                    if sink is not None:  # on its way to the other ranks; not kept here
-                        del self._recompute[i]
-                        sink(i, total)
-                        continue
-                    gram += gram_of(total)
-                    size = nbytes(total)
-                    if keep_all or (self._fits(size) and self._keep_pays(i, groups.m)):
-                        self.kept_bytes += size
-                        self._kept[i] = total
-                        del self._recompute[i]
-                    else:  # book-keeping: its buffer serves the next
-                        self._workspace.give(total.values if isinstance(total, Rows) else total)
-            del grads
+                if remaining[i] == 0:
+                    finish(i)
+
+        order = {id(c): c for pairs in rule_params.values() for c, _ in pairs}  # parameter order
+        asked, handles = edges, []
+        if sink is None and self._streams(rule_params, groups.m, keep_all):
+            below = reaches(root.grad_fn, {c.edge.node for c in edges})
+            asked = [c for c in edges if c.edge.node not in below]
+            for call in edges:
+                if call.edge.node in below:  # its node runs on the way to a layer asked for
+
+                    def hook(grad_outputs: tuple[Tensor | None, ...], call: Call = call) -> None:
+                        serve(call, grad_outputs[call.edge.output_nr])
+
+                    handles.append(call.edge.node.register_prehook(hook))
+        try:
+            bks = torch.autograd.grad(
+                root,
+                [c.edge for c in asked],
+                allow_unused=True,
+                retain_graph=retain_graph,
+            )
+        finally:
+            for handle in handles:
+                handle.remove()
+        bk_of = {id(c): bk for c, bk in zip(asked, bks, strict=True)}
+        for key, call in order.items():
+            if key in bk_of:
+                serve(call, bk_of[key])
         return gram
+
+    def _streams(
+        self, rule_params: dict[int, list[tuple[Call, str]]], m: int, keep_all: bool
+    ) -> bool:
+        """Whether the layers can be served in the backward's order: on the CPU (where a ``Bk``
+        held to the end of the backward is memory the allocator returns to the OS and faults in
+        again the next step), when which parameters keep their group gradients cannot depend on
+        the order — all of them fit ``memory_budget``, or none does. Group gradients bound for
+        other ranks keep the parameter order (the caller checks)."""
+        calls = [c for pairs in rule_params.values() for c, _ in pairs]
+        if not calls or calls[0].A.device.type != "cpu":
+            return False
+        if keep_all or self.memory_budget <= 0:
+            return True
+        upper = 0  # the most bytes the kept group gradients can take
+        for i, pairs in rule_params.items():
+            p = self._params[i]
+            numel = p.numel()
+            if p.dim() and all(isinstance(c.module, nn.Embedding) for c, _ in pairs):
+                tokens = sum(c.A.numel() for c, _ in pairs)  # kept on the batch's tokens only
+                numel = min(p.shape[0], tokens) * (numel // p.shape[0])
+            upper += m * numel * p.element_size()
+        return self.kept_bytes + upper <= self.memory_budget
 
     def _fits(self, size: int) -> bool:
         """Whether ``size`` more bytes of kept group gradients stay within the budget."""

@@ -187,3 +187,23 @@ def count_uses(root: Any, params: list[Tensor]) -> tuple[dict[int, int], set[Any
                 if variable is not None and id(variable) in wanted:
                     uses[id(variable)] += parents.get(node, 1) - 1
     return uses, seen
+
+
+def reaches(root: Any, targets: set[Any]) -> set[Any]:
+    """The nodes of the autograd graph below ``root`` from which a node of ``targets`` is
+    reached by one or more edges: the nodes a backward to those targets runs (targets that lie
+    below other targets included)."""
+    found: set[Any] = set()
+    visited: set[Any] = set()
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        children = [child for child, _ in node.next_functions if child is not None]
+        if expanded:  # every child is done (the graph has no cycles)
+            if any(child in targets or child in found for child in children):
+                found.add(node)
+        elif node not in visited:
+            visited.add(node)
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if child not in visited)
+    return found

@@ -77,7 +77,7 @@ def test_fused_engine_with_ghost_grams_equals_the_loop_engine() -> None:
 
     def counting(self, module, A, Bk, groups, name, keep):  # type: ignore[no-untyped-def]
         out = rule_ghost(self, module, A, Bk, groups, name, keep)
-        calls.append(out is not None)
+        calls.append((list(model).index(module), name, out is not None))
         return out
 
     rule_ghost = rule.ghost_gram
@@ -88,7 +88,13 @@ def test_fused_engine_with_ghost_grams_equals_the_loop_engine() -> None:
         rule.ghost_gram = rule_ghost  # type: ignore[method-assign]
     # (weight, bias) per layer: by the cost model the first weight's ghost is the cheapest, the
     # second weight's is dearer than recomputing d (book-keeping); a bias has none
-    assert calls == [True, False, False, False]
+    taken = {(layer, name): ghost for layer, name, ghost in calls}
+    assert len(calls) == 4 and taken == {
+        (0, "weight"): True,
+        (0, "bias"): False,
+        (3, "weight"): False,
+        (3, "bias"): False,
+    }
     torch.testing.assert_close(stats.gram, ref.gram, rtol=1e-10, atol=1e-14)
     for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-14)

@@ -61,8 +61,8 @@ GHOST_CANCELLATION = 1e-3  # float32 keeps ~4 digits of a Gram diagonal at this 
 # (384, 1536) for N = 64 to 2,048 tokens at m = 8 and 16: with 8 and 6 the model picks the
 # fastest path in all 36 cases (the ghost up to N = 128 or 256 at m = 8, up to 256 or 512 at
 # m = 16; keep above). The one-constant model before it (22 per value, the Gram not counted
-# apart) picked keep for two m = 16 cases where the ghost was 1.08-1.29x faster, since the
-# Gram's m^2 products per value outgrow the m values moved. The rule before that, ghost iff
+# apart) picked keep at m = 16 where the ghost was up to 1.29x faster, since the Gram's m^2
+# products per value outgrow the m values moved. The rule before that, ghost iff
 # N (in + out) < in out, kept at (256, 256), N = 128, where the ghost was 1.7x faster.
 FLOPS_PER_VALUE = 8.0
 FLOPS_PER_PRODUCT = 6.0
