@@ -8,12 +8,16 @@
 Here one process builds the model once per method (plain, keep, book-keeping; the same weights)
 and times them in rounds, one step of each per round in a rotating order. Each round gives one
 ratio per method (its step over the same round's plain step); the table gives the median ratio
-and the middle half of the rounds' ratios [25%, 75%]. No memory figures: ``step.py`` has them.
+and the middle half of the rounds' ratios [25%, 75%], and the median of each method's minor page
+faults per step (memory the allocator had handed back to the OS and touched again; the methods
+share one allocator here, so one method's frees can cost another's step). No memory figures:
+``step.py`` has them.
 
 ``--modes deferred`` adds a diagnostic: plain training's gradients computed in the fused
-engine's order (one backward to the layers' outputs, then one weight-gradient GEMM per layer
-over the whole batch), with no groups and no Gram. Its ratio is the part of GRAIN's cost that
-comes from taking the weight gradients after the backward instead of during it.
+engine's order (one backward to the layers' outputs, one weight-gradient GEMM per layer over the
+whole batch as its output gradient arrives), with no groups and no Gram. Its ratio is the part
+of GRAIN's cost that comes from the engine's structure: the weight-gradient GEMMs taken outside
+autograd, a hook per layer, its inputs held until served.
 
 ``--narrow`` keeps the model's layers and shrinks its widths (hidden 16-72, vocabulary 1,000):
 the kernels then cost next to nothing and the step is the host's time alone (Python, dispatch),
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import resource
 import statistics
 import sys
 import time
@@ -39,22 +44,41 @@ MODES = ("plain", "keep", "bookkeeping", "deferred")
 
 def _deferred_backward(grain, losses) -> None:  # type: ignore[no-untyped-def]
     """Plain training's gradients in the fused engine's order: one backward to the recorded
-    layers' outputs (no weight gradients), then each layer's parameter gradients summed over
-    the whole batch by its rule's ``combine`` (for a Linear, one weight-gradient GEMM over all
-    its tokens). No groups, no Gram: the floor of the engine's structure."""
+    layers' outputs (no weight gradients), each layer's parameter gradients summed over the
+    whole batch by its rule's ``combine`` (for a Linear, one weight-gradient GEMM over all its
+    tokens) as its output gradient arrives, as the engine serves its rules on the CPU. No
+    groups, no Gram: the floor of the engine's structure."""
+    from torchgrain.engines._hooks import reaches
+
     engine = grain._engine
     calls, _ = engine.hooks.take()
-    output_grads = torch.autograd.grad(
-        losses.mean(), [call.edge for call in calls], allow_unused=True
-    )
-    with torch.no_grad():
-        for call, bk in zip(calls, output_grads, strict=True):
-            if bk is None:
-                continue
+
+    def serve(call, bk) -> None:  # type: ignore[no-untyped-def]
+        if bk is None:
+            return
+        with torch.no_grad():
             rule = engine.hooks.rules[call.module]
             for name, grad in rule.combine(call.module, call.A, bk.reshape(call.out_shape)).items():
                 param = call.module._parameters[name]
                 param.grad = grad if param.grad is None else param.grad + grad
+
+    root = losses.mean()
+    below = reaches(root.grad_fn, {call.edge.node for call in calls})
+    handles = [
+        call.edge.node.register_prehook(
+            lambda grad_outputs, call=call: serve(call, grad_outputs[call.edge.output_nr])
+        )
+        for call in calls
+        if call.edge.node in below
+    ]
+    asked = [call for call in calls if call.edge.node not in below]
+    try:
+        output_grads = torch.autograd.grad(root, [c.edge for c in asked], allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for call, bk in zip(asked, output_grads, strict=True):
+        serve(call, bk)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         grain = None if mode == "plain" else shared._grain(model, mode, args.groups)
 
         def step() -> float:
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             losses = shared._losses(args, model, ids, labels)
@@ -95,11 +120,14 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 grain.backward(losses)
             opt.step()
-            return time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            paged[mode].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+            return elapsed
 
         return step
 
     modes = ["plain", *args.modes]
+    paged: dict[str, list[int]] = {mode: [] for mode in modes}  # minor page faults per step
     steps = {mode: make(mode) for mode in modes}
     for step in steps.values():  # warm-up: allocations, optimizer state
         step()
@@ -115,11 +143,19 @@ def main(argv: list[str] | None = None) -> int:
         f"{shape}, B={args.batch}, T={args.tokens}, m={args.groups}, {args.threads} threads, "
         f"{args.rounds} rounds; plain step median {statistics.median(plain) * 1e3:.1f} ms\n"
     )
-    print("| method | time vs plain (median) | middle half of the rounds |\n|---|---|---|")
+    print(
+        "| method | time vs plain (median) | middle half of the rounds | page faults per step |"
+        "\n|---|---|---|---|"
+    )
+    faults = {mode: statistics.median(paged[mode][-args.rounds :]) for mode in modes}
+    print(f"| plain | | | {faults['plain']:.0f} |")
     for mode in args.modes:
         ratios = sorted(t / p for t, p in zip(seconds[mode], plain, strict=True))
         q1, _, q3 = statistics.quantiles(ratios, n=4)
-        print(f"| {mode} | {statistics.median(ratios):.2f}x | [{q1:.2f}, {q3:.2f}] |")
+        print(
+            f"| {mode} | {statistics.median(ratios):.2f}x | [{q1:.2f}, {q3:.2f}] "
+            f"| {faults[mode]:.0f} |"
+        )
     return 0
 
 

@@ -31,8 +31,9 @@ def test_step_paired_prints_a_ratio_per_mode() -> None:
         "--groups", "2", "--rounds", "4", "--modes", "keep", "bookkeeping", "deferred",
     )  # fmt: skip
     assert "bert-small (narrow), B=4, T=4, m=2" in out
+    assert re.search(r"\| plain \| \| \| \d+ \|", out), out
     for mode in ("keep", "bookkeeping", "deferred"):
-        row = rf"\| {mode} \| \d+\.\d\dx \| \[\d+\.\d\d, \d+\.\d\d\] \|"
+        row = rf"\| {mode} \| \d+\.\d\dx \| \[\d+\.\d\d, \d+\.\d\d\] \| \d+ \|"
         assert re.search(row, out), out
 
 
