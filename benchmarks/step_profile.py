@@ -14,7 +14,8 @@ longer than its busy time is bound by the host (Python, launches, syncs), not by
 ``--gemm`` also times, for each weight shape of the small encoder, the one weight-gradient ``mm``
 over all B x T tokens against the ``bmm`` of the m groups' GEMMs that the fused engine runs.
 ``--stages`` also times GRAIN's backward by stage (wall time per step, CPU): the backward to the
-layers' outputs, each rule's group gradients, the Gram products, the solve, ``d``, the rest.
+layers' outputs with the rules it serves (each rule's group gradients, the Gram products, the
+backward itself), the solve, ``d``, the rest.
 """
 
 from __future__ import annotations
@@ -151,7 +152,8 @@ def _gemm(args: argparse.Namespace) -> None:
 def _stages(args: argparse.Namespace, mode: str) -> dict[str, float]:
     """Milliseconds per step of GRAIN's backward by stage, from timers wrapped around the
     engine's functions for the timed steps (nested stages are not subtracted from their
-    parent: ``rules and Gram`` contains the rules' rows and the Gram products)."""
+    parent: the backward to the layers' outputs contains the rules, served from its hooks, and
+    the Gram products; what is left of it is the backward itself)."""
     import torchgrain._grain as grain_module
     import torchgrain.engines._fused as fused
     from torchgrain.engines.rules._base import _RULES
@@ -190,8 +192,8 @@ def _stages(args: argparse.Namespace, mode: str) -> dict[str, float]:
     step()
     rules = {type(rule) for _, rule in _RULES}
     timed(fused.FusedEngine, "gram", "engine.gram")
-    timed(fused.torch.autograd, "grad", "  backward to the layers' outputs")
-    timed(fused.FusedEngine, "_rule_grams", "  rules and Gram")
+    # the rules run from autograd's hooks, inside the backward: its own time is what is left
+    timed(fused.FusedEngine, "_rule_grams", "  backward to the layers' outputs, rules and Gram")
     for rule in sorted(rules, key=lambda r: r.__name__):
         if "group_grads" in vars(rule):  # a subclass that inherits it counts under its parent
             timed(rule, "group_grads", f"    {rule.__name__}.group_grads")
@@ -206,6 +208,10 @@ def _stages(args: argparse.Namespace, mode: str) -> dict[str, float]:
         for owner, attr, original in reversed(patched):
             setattr(owner, attr, original)
     per_step = {k: v / args.steps * 1e3 for k, v in seconds.items()}
+    nested = [k for k in per_step if k.startswith("    ")]
+    per_step["    the backward itself (the rest)"] = per_step.get(
+        "  backward to the layers' outputs, rules and Gram", 0.0
+    ) - sum(per_step[k] for k in nested)
     inside = ("engine.gram", "solve", "d (combine)")
     per_step["rest (checks, stats, writes)"] = per_step["backward (all)"] - sum(
         per_step.get(k, 0.0) for k in inside
@@ -265,10 +271,15 @@ def main(argv: list[str] | None = None) -> int:
         _gemm(args)
     if args.stages and not cuda:
         stages = {mode: _stages(args, mode) for mode in ("keep", "bookkeeping")}
-        first = ["backward (all)", "engine.gram", "  backward to the layers' outputs"]
+        first = [
+            "backward (all)",
+            "engine.gram",
+            "  backward to the layers' outputs, rules and Gram",
+        ]
         found = [k for table in stages.values() for k in table]
-        rows = sorted({k for k in found if k.startswith("    ")})
-        names = [*first, "  rules and Gram", *rows, "solve", "d (combine)"]
+        rest = "    the backward itself (the rest)"
+        rows = sorted({k for k in found if k.startswith("    ") and k != rest})
+        names = [*first, *rows, rest, "solve", "d (combine)"]
         names.append("rest (checks, stats, writes)")
         print(f"\nGRAIN's backward by stage (ms per step, mean of {args.steps} steps)")
         print("| stage | keep | bookkeeping |\n|---|---|---|")

@@ -25,12 +25,14 @@ def _run(script: str, *args: str) -> str:
     return done.stdout
 
 
-def test_step_paired_prints_a_ratio_per_mode() -> None:
+@pytest.mark.parametrize("where", [[], ["--one-process"]], ids=["a process each", "one process"])
+def test_step_paired_prints_a_ratio_per_mode(where: list[str]) -> None:
     out = _run(
         "step_paired.py", "--model", "bert-small", "--narrow", "--batch", "4", "--tokens", "4",
-        "--groups", "2", "--rounds", "4", "--modes", "keep", "bookkeeping", "deferred",
+        "--groups", "2", "--rounds", "4", "--modes", "keep", "bookkeeping", "deferred", *where,
     )  # fmt: skip
     assert "bert-small (narrow), B=4, T=4, m=2" in out
+    assert ("one process" if where else "a process per method") in out
     assert re.search(r"\| plain \| \| \| \d+ \|", out), out
     for mode in ("keep", "bookkeeping", "deferred"):
         row = rf"\| {mode} \| \d+\.\d\dx \| \[\d+\.\d\d, \d+\.\d\d\] \| \d+ \|"
@@ -51,8 +53,15 @@ def test_step_profile_stages_time_grains_backward() -> None:
         "step_profile.py", "--model", "bert-small", "--batch", "4", "--tokens", "4",
         "--groups", "2", "--steps", "1", "--top", "1", "--stages",
     )  # fmt: skip
-    for stage in ("backward (all)", "backward to the layers' outputs", "Gram products", "solve"):
-        assert re.search(rf"\| +{re.escape(stage)} \| \d+\.\d \| \d+\.\d \|", out), out
+    stages = (
+        "backward (all)",
+        "backward to the layers' outputs, rules and Gram",
+        "Gram products",
+        "the backward itself (the rest)",
+        "solve",
+    )
+    for stage in stages:
+        assert re.search(rf"\| +{re.escape(stage)} \| -?\d+\.\d \| -?\d+\.\d \|", out), out
     assert "LinearRule.group_grads" in out and "d (combine)" in out
 
 
