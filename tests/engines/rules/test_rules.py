@@ -190,6 +190,17 @@ def test_add_sums_rows_and_dense_into_the_dense_tensor(order: str) -> None:
     torch.testing.assert_close(total, expected, rtol=0, atol=0)
 
 
+def test_add_promotes_a_bf16_output_layer_tied_to_a_float32_embedding() -> None:
+    """Under autocast the output layer's group gradients are bf16 and the embedding's float32:
+    the sum is float32, as the sum of the two dense tensors was."""
+    shape = torch.Size([8, 3])
+    dense = torch.randn(2, *shape).to(torch.bfloat16)
+    rows = Rows(torch.tensor([1, 4]), torch.randn(2, 2, 3))
+    for total in (add(dense.clone(), rows, shape), add(rows, dense.clone(), shape)):
+        assert isinstance(total, torch.Tensor) and total.dtype == torch.float32
+        torch.testing.assert_close(total, dense.float() + to_dense(rows, shape))
+
+
 def test_embedding_options_that_couple_samples_have_no_rule_params() -> None:
     for module in (
         nn.Embedding(5, 2, scale_grad_by_freq=True),

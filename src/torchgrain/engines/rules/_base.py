@@ -117,9 +117,13 @@ def add(a: GroupGrad | None, b: GroupGrad, shape: torch.Size) -> GroupGrad:
         return Rows(index, values)
     dense, other = (b, a) if isinstance(a, Rows) else (a, b)
     assert isinstance(dense, Tensor)
+    values = other.values if isinstance(other, Rows) else other
+    if values.dtype != dense.dtype:  # autocast: a bf16 output layer tied to a float32 embedding
+        dtype = torch.promote_types(dense.dtype, values.dtype)
+        dense, values = dense.to(dtype), values.to(dtype)
     if isinstance(other, Rows):
-        return dense.index_add_(1, other.index, other.values)
-    return dense.add_(other)
+        return dense.index_add_(1, other.index, values)
+    return dense.add_(values)
 
 
 def cat(
