@@ -118,19 +118,24 @@ def test_masked_min_norm_on_the_device_matches_the_host(device: str, name: str) 
     assert same_point(gram, host.weights, masked.weights.cpu()) <= 1e-20
 
 
+@pytest.mark.parametrize("name", ["hf_bert", "tied_embedding_lm"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_bf16_autocast_stays_close_to_float32(device: str) -> None:
-    pytest.importorskip("transformers")
+def test_bf16_autocast_stays_close_to_float32(device: str, name: str) -> None:
+    """The tied LM's output layer runs in bf16 and its embedding in float32: one weight, group
+    gradients of two dtypes summed."""
+    if name.startswith("hf_"):
+        pytest.importorskip("transformers")
     if device == "cuda" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bfloat16")
     torch.manual_seed(0)
-    model = CASES["hf_bert"].build().float().to(device)
-    batch = _to(CASES["hf_bert"].batch(8), device)
+    case = CASES[name]
+    model = case.build().float().to(device)
+    batch = _to(case.batch(8), device)
     ref = copy.deepcopy(model)
-    torchgrain.GRAIN(ref, num_groups=4).backward(CASES["hf_bert"].losses(ref, batch))
+    torchgrain.GRAIN(ref, num_groups=4).backward(case.losses(ref, batch))
     grain = torchgrain.GRAIN(model, num_groups=4)
     with torch.autocast(device, dtype=torch.bfloat16):
-        losses = CASES["hf_bert"].losses(model, batch)
+        losses = case.losses(model, batch)
         stats = grain.backward(losses)  # inside the block, as Lightning calls it
     assert stats.engine == "fused" and not stats.fallback
     assert stats.gram.dtype == torch.float64 and bool(torch.isfinite(stats.gram).all())
