@@ -497,8 +497,8 @@ def test_layers_are_served_as_their_output_gradients_arrive(
 
 
 def test_reaches_finds_the_nodes_above_the_targets() -> None:
-    """A chain x -> a -> b -> c with a side branch d from a: the nodes that reach ``a``'s node
-    are those of b, c and the root, not d's own branch below the root's other input."""
+    """A chain x -> a -> b -> c, and a branch d from x: the nodes from which ``a``'s node is
+    reached are b's, c's and the root's; not a's own, nor d's. A target above another counts."""
     x = torch.randn(3, requires_grad=True)
     a = x * 2
     b = a.sin()
