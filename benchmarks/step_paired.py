@@ -51,7 +51,7 @@ def _deferred_backward(grain, losses) -> None:  # type: ignore[no-untyped-def]
     whole batch by its rule's ``combine`` (for a Linear, one weight-gradient GEMM over all its
     tokens) as its output gradient arrives, as the engine serves its rules on the CPU. No
     groups, no Gram: the floor of the engine's structure."""
-    from torchgrain.engines._hooks import reaches
+    from torchgrain.engines._hooks import backward_to_outputs
 
     engine = grain._engine
     calls, _ = engine.hooks.take()
@@ -65,23 +65,7 @@ def _deferred_backward(grain, losses) -> None:  # type: ignore[no-untyped-def]
                 param = call.module._parameters[name]
                 param.grad = grad if param.grad is None else param.grad + grad
 
-    root = losses.mean()
-    below = reaches(root.grad_fn, {call.edge.node for call in calls})
-    handles = [
-        call.edge.node.register_prehook(
-            lambda grad_outputs, call=call: serve(call, grad_outputs[call.edge.output_nr])
-        )
-        for call in calls
-        if call.edge.node in below
-    ]
-    asked = [call for call in calls if call.edge.node not in below]
-    try:
-        output_grads = torch.autograd.grad(root, [c.edge for c in asked], allow_unused=True)
-    finally:
-        for handle in handles:
-            handle.remove()
-    for call, bk in zip(asked, output_grads, strict=True):
-        serve(call, bk)
+    backward_to_outputs(losses.mean(), calls, serve, stream=True)
 
 
 def _stepper(args: argparse.Namespace, mode: str, base):  # type: ignore[no-untyped-def]

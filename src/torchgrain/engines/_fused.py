@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from torchgrain.engines._groups import GroupIndex
-from torchgrain.engines._hooks import Call, HookManager, count_uses, reaches
+from torchgrain.engines._hooks import Call, HookManager, backward_to_outputs, count_uses
 from torchgrain.engines._loop import LoopEngine, per_group_gradients
 from torchgrain.engines._workspace import Workspace
 from torchgrain.engines.rules import find_rule
@@ -298,32 +298,8 @@ class FusedEngine:
                 if remaining[i] == 0:
                     finish(i)
 
-        order = {id(c): c for pairs in rule_params.values() for c, _ in pairs}  # parameter order
-        asked, handles = edges, []
-        if sink is None and self._streams(rule_params, groups.m, keep_all):
-            below = reaches(root.grad_fn, {c.edge.node for c in edges})
-            asked = [c for c in edges if c.edge.node not in below]
-            for call in edges:
-                if call.edge.node in below:  # its node runs on the way to a layer asked for
-
-                    def hook(grad_outputs: tuple[Tensor | None, ...], call: Call = call) -> None:
-                        serve(call, grad_outputs[call.edge.output_nr])
-
-                    handles.append(call.edge.node.register_prehook(hook))
-        try:
-            bks = torch.autograd.grad(
-                root,
-                [c.edge for c in asked],
-                allow_unused=True,
-                retain_graph=retain_graph,
-            )
-        finally:
-            for handle in handles:
-                handle.remove()
-        bk_of = {id(c): bk for c, bk in zip(asked, bks, strict=True)}
-        for key, call in order.items():
-            if key in bk_of:
-                serve(call, bk_of[key])
+        stream = sink is None and self._streams(rule_params, groups.m, keep_all)
+        backward_to_outputs(root, edges, serve, stream=stream, retain_graph=retain_graph)
         return gram
 
     def _streams(

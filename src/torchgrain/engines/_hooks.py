@@ -8,7 +8,7 @@ import contextlib
 import functools
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,3 +207,41 @@ def reaches(root: Any, targets: set[Any]) -> set[Any]:
             stack.append((node, True))
             stack.extend((child, False) for child in children if child not in visited)
     return found
+
+
+def backward_to_outputs(
+    root: Tensor,
+    calls: list[Call],
+    serve: Callable[[Call, Tensor | None], None],
+    *,
+    stream: bool,
+    retain_graph: bool = False,
+) -> None:
+    """One backward from ``root`` to the recorded calls' outputs, ``serve(call, Bk)`` for each
+    call (``Bk`` ``None`` where its output does not reach ``root``).
+
+    ``stream``: a call whose output's node lies above another call's is served from a hook on
+    that node as ``Bk`` arrives, so that autograd frees ``Bk`` once the backward has passed it;
+    only the others (those with no recorded call below them) are asked of ``autograd.grad`` and
+    served, in ``calls``' order, after it. Otherwise every call is asked for, and ``Bk`` is held
+    until the backward ends."""
+    asked, handles = calls, []
+    if stream:
+        below = reaches(root.grad_fn, {c.edge.node for c in calls})
+        asked = [c for c in calls if c.edge.node not in below]
+        for call in calls:
+            if call.edge.node in below:  # its node runs on the way to a call asked for
+
+                def hook(grad_outputs: tuple[Tensor | None, ...], call: Call = call) -> None:
+                    serve(call, grad_outputs[call.edge.output_nr])
+
+                handles.append(call.edge.node.register_prehook(hook))
+    try:
+        bks = torch.autograd.grad(
+            root, [c.edge for c in asked], allow_unused=True, retain_graph=retain_graph
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+    for call, bk in zip(asked, bks, strict=True):
+        serve(call, bk)
