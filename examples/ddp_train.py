@@ -30,4 +30,5 @@ copies = [torch.empty_like(flat) for _ in range(world)]
 dist.all_gather(copies, flat)
 if rank == 0 and all(torch.equal(c, flat) for c in copies):
     print("every rank holds the same .grad")
+dist.barrier()  # no rank tears Gloo down while another still talks to it
 dist.destroy_process_group()

@@ -36,4 +36,5 @@ print(f"rank {rank}: loss {losses.mean().item():.4f}, {stats.num_groups} global 
 
 weight = model[0].weight
 print(f"rank {rank} holds rows {tuple(weight.grad.to_local().shape)} of {tuple(weight.shape)}")
+dist.barrier()  # no rank tears Gloo down while another still talks to it
 dist.destroy_process_group()
