@@ -210,7 +210,9 @@ def test_the_fused_gram_reads_nothing_back_but_the_embedding_tokens(name: str) -
             gram = engine.gram(losses, groups, params)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in record if "synchronizing" in str(w.message)]
+    # "called a synchronizing CUDA operation", once per sync; the mode's own notice that it is a
+    # prototype ("does not yet detect all synchronizing operations") is not one.
+    syncs = [w for w in record if "called a synchronizing" in str(w.message)]
     assert len(syncs) <= embeddings, [str(w.message) for w in syncs]
     assert gram.shape == (8, 8) and bool(torch.isfinite(gram).all())
     engine.close()
