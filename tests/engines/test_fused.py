@@ -15,8 +15,9 @@ from torch import Tensor, nn
 
 import torchgrain
 from tests._models import CNN, TiedLM, lm_losses, mlp, per_sample_ce
-from torchgrain.engines import FusedEngine
+from torchgrain.engines import FusedEngine, GroupIndex, LoopEngine, _fused
 from torchgrain.engines._hooks import reaches
+from torchgrain.engines.rules._base import to_dense
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -509,3 +510,79 @@ def test_reaches_finds_the_nodes_above_the_targets() -> None:
     assert {b.grad_fn, c.grad_fn, root.grad_fn} <= found
     assert a.grad_fn not in found and d.grad_fn not in found
     assert reaches(root.grad_fn, {a.grad_fn, c.grad_fn}) >= {c.grad_fn}  # c lies above a
+
+
+@pytest.mark.parametrize("stack_values", [2048, 1 << 25], ids=["small_stacks", "large_stacks"])
+@pytest.mark.parametrize(("m", "B", "ids"), [(8, *GROUPINGS[8]), (4, 12, None)])
+@pytest.mark.parametrize(
+    "name", ["tied_embedding_lm", "hf_gpt2", "hf_llama", "peft_lora_bert", "cnn_groupnorm"]
+)
+def test_stacked_grams_equal_the_loop_engine(
+    name: str, m: int, B: int, ids: Tensor | None, stack_values: int, monkeypatch
+) -> None:
+    """Off the CPU the kept group gradients of same-sized parameters are stacked for their Gram
+    and for ``d`` (forced here on the CPU): the step, and with ``keep_groups`` the group
+    gradients themselves, equal the loop engine's, whether the stacks hold one parameter or
+    many; with m = 4 of B = 12 in order the groups are uniform (one reduction per group sum)."""
+    if name.startswith(("hf_", "peft_")):
+        pytest.importorskip("transformers")
+        pytest.importorskip("peft")
+    monkeypatch.setattr(_fused, "_stacks_grams", lambda device: True)
+    monkeypatch.setattr(_fused, "STACK_VALUES", stack_values)
+    stacked: list[tuple[int, int]] = []  # (parameters in stacks, parameters alone)
+    stack_grams = FusedEngine._stack_grams
+
+    def spy(self: FusedEngine, indices: list[int]) -> Tensor:
+        gram = stack_grams(self, indices)
+        together = sum(len(members) for _, members in self._stacks)
+        stacked.append((together, len(indices) - together))
+        return gram
+
+    monkeypatch.setattr(FusedEngine, "_stack_grams", spy)
+    case = CASES[name]
+    torch.manual_seed(0)
+    model = case.build()
+    ref_stats, ref = _run_groups(case, copy.deepcopy(model), "loop", m, B, ids)
+    stats, got = _run_groups(case, model, "fused", m, B, ids, memory_budget=float("inf"))
+    assert stats.engine == "fused" and sum(stacked[0]) > 0
+    if name != "tied_embedding_lm":  # its three parameters all differ in size
+        assert stacked[0][0] > 0
+        assert stacked[0][1] > 0 if stack_values < 1 << 25 else True  # big layers alone
+    assert _rel(stats.gram, ref_stats.gram) <= 1e-6
+    _assert_grads_close(got, ref)
+
+    group_ids = torch.arange(B) * m // B if ids is None else ids
+    groups = GroupIndex.build(group_ids, torch.bincount(group_ids, minlength=m))
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = FusedEngine(model)
+    grams, per_group = [], []
+    for engine in (fused, LoopEngine()):
+        losses = case.losses(model, case.batch(B))
+        grams.append(engine.gram(losses, groups, params, keep_groups=True))
+        per_group.append(engine.group_grads())
+    fused.close()
+    assert _rel(grams[0], grams[1]) <= 1e-6
+    for a, b in zip(*per_group, strict=True):
+        if b is not None:
+            dense = a if isinstance(a, Tensor) else to_dense(a, b.shape[1:])
+            assert _rel(dense, b) <= 1e-6
+
+
+def _run_groups(
+    case: Case, model: nn.Module, engine: str, m: int, B: int, ids: Tensor | None, **kwargs
+) -> tuple[torchgrain.GrainStats, list[Tensor]]:  # type: ignore[no-untyped-def]
+    grain = torchgrain.GRAIN(model, num_groups=m, engine=engine, **kwargs)
+    stats = grain.backward(case.losses(model, case.batch(B)), ids)
+    grain.close()
+    return stats, _grads(model)
+
+
+@pytest.mark.parametrize("ids", [[0, 0, 1, 1, 2, 2], [0, 0, 0, 1, 2, 2], [1, 0, 2, 1, 0, 2]])
+def test_group_sums_are_the_sums_of_each_groups_samples(ids: list[int]) -> None:
+    group_ids = torch.tensor(ids)
+    groups = GroupIndex.build(group_ids, torch.bincount(group_ids))
+    assert groups.uniform == (ids == [0, 0, 1, 1, 2, 2])
+    t = torch.randn(6, 4, 5, generator=_gen(3))
+    expected = torch.stack([t[group_ids == k].sum(0) for k in range(3)])
+    assert _rel(groups.sums(t), expected) <= 1e-12
+    assert _rel(groups.sums(t, dims=1), expected.sum(1)) <= 1e-12

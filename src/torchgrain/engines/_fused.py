@@ -17,7 +17,10 @@ weight on few tokens), which it takes when its cost model finds it cheaper than 
 The Linear and Embedding rules' buffers come from a workspace reused from step to step
 (``_workspace``). On the CPU each layer's rule is served as its ``Bk`` arrives (a hook on its
 output's autograd node), so that autograd frees ``Bk`` as plain training would, wherever the
-order cannot change which parameters are kept (all fit ``memory_budget``, or none).
+order cannot change which parameters are kept (all fit ``memory_budget``, or none). Off the CPU,
+where the step is bound by the host, the kept group gradients of same-sized parameters are
+stacked, so that their Gram blocks and ``d`` take a few kernels per stack rather than per
+parameter (``_stack_grams``).
 
 Exactness: a parameter is served by its rule only if every use of it in the autograd graph is a
 recorded call whose input and output have the batch dimension B first and whose input was not
@@ -46,6 +49,17 @@ from torchgrain.engines.rules import find_rule
 from torchgrain.engines.rules._base import GroupGrad, Rows, add, gram_of, nbytes, weighted_sum
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of kept group gradients (1 GiB)
+
+# Off the CPU the step is bound by the host (Python and kernel launches): the Gram blocks of kept
+# group gradients are taken a stack of same-sized parameters at a time (see
+# FusedEngine._stack_grams), in stacks of at most this many values (256 MiB in float64).
+STACK_VALUES = 1 << 25
+
+
+def _stacks_grams(device: torch.device) -> bool:
+    """Whether kept group gradients are stacked for their Gram (off the CPU; on the CPU the
+    copy costs more than the kernels it saves, and ``gram_of`` multiplies in float32)."""
+    return device.type != "cpu"
 
 
 class FusedEngine:
@@ -92,6 +106,7 @@ class FusedEngine:
         self._kept: dict[int, GroupGrad] = {}  # param index -> group gradients
         self._recompute: dict[int, list[tuple[Call, str, Tensor]]] = {}  # index -> (call, name, Bk)
         self._fallback_grads: dict[int, Tensor] = {}  # index -> (m, *shape)
+        self._stacks: list[tuple[Tensor, list[int]]] = []  # (L, m, P) kept, their param indices
         self._reached: list[bool] = []
         self._groups: GroupIndex | None = None
 
@@ -242,6 +257,9 @@ class FusedEngine:
             for call, pname in pairs:
                 users.setdefault(id(call), []).append((i, pname))
 
+        stacked: list[int] = []  # kept, their Gram blocks left to _stack_grams
+        stacks = _stacks_grams(groups.ids.device)
+
         def finish(i: int) -> None:  # every call of parameter i is in: its Gram, keep or not
             total = pending.pop(i, None)
             if total is None:
@@ -251,13 +269,17 @@ class FusedEngine:
                 sink(i, total)
                 return
             nonlocal gram
-            gram += gram_of(total)
             size = nbytes(total)
             if keep_all or (self._fits(size) and self._keep_pays(i, groups.m)):
                 self.kept_bytes += size
                 self._kept[i] = total
                 del self._recompute[i]
+                if stacks and isinstance(total, Tensor):
+                    stacked.append(i)
+                    return
+                gram += gram_of(total)
             else:  # book-keeping: its buffer serves the next
+                gram += gram_of(total)
                 self._workspace.give(total.values if isinstance(total, Rows) else total)
 
         def serve(call: Call, bk: Tensor | None) -> None:
@@ -300,6 +322,34 @@ class FusedEngine:
 
         stream = sink is None and self._streams(rule_params, groups.m, keep_all)
         backward_to_outputs(root, edges, serve, stream=stream, retain_graph=retain_graph)
+        return gram + self._stack_grams(stacked) if stacked else gram
+
+    def _stack_grams(self, indices: list[int]) -> Tensor:
+        """The Gram blocks of these kept parameters, a few kernels per batch of same-sized ones:
+        their group gradients copied into one ``(L, m, P)`` stack (at most ``STACK_VALUES``
+        values), one float64 batched product summed over L. The kept group gradients become
+        views of their stack, which ``combine`` sums with the weights in one product; the
+        parameter's own buffer is freed."""
+        assert self._groups is not None
+        m = self._groups.m
+        gram = torch.zeros(m, m, dtype=torch.float64, device=self._groups.ids.device)
+        dense = {i: kept for i in indices if isinstance(kept := self._kept[i], Tensor)}
+        sizes: dict[tuple[int, torch.dtype], list[int]] = {}
+        for i, kept in dense.items():
+            sizes.setdefault((kept.numel(), kept.dtype), []).append(i)
+        for (numel, _), same in sizes.items():
+            per_stack = max(1, STACK_VALUES // numel)
+            for start in range(0, len(same), per_stack):
+                members = same[start : start + per_stack]
+                if len(members) == 1:
+                    gram += gram_of(dense[members[0]])
+                    continue
+                stack = torch.stack([dense[i].reshape(m, -1) for i in members])  # (L, m, P)
+                wide = stack.to(torch.float64)
+                gram += torch.bmm(wide, wide.transpose(1, 2)).sum(0)
+                for layer, i in enumerate(members):
+                    self._kept[i] = stack[layer].view(dense[i].shape)
+                self._stacks.append((stack, members))
         return gram
 
     def _streams(
@@ -403,14 +453,30 @@ class FusedEngine:
             self._reset()
             return delegated
         assert self._groups is not None
-        per_sample = weights[self._groups.ids]  # (B,) w_{k(i)}
         out: list[Tensor | None] = [None] * len(self._params)
+        cast: dict[torch.dtype, Tensor] = {}  # the weights in each group gradients' dtype
+
+        def like(dtype: torch.dtype) -> Tensor:
+            return cast.setdefault(dtype, weights.to(dtype))
+
+        for stack, members in self._stacks:  # (L, m, P): d of L parameters in one product
+            dtypes = {self._params[i].dtype for i in members}
+            d = torch.matmul(like(stack.dtype), stack)  # (m,) x (L, m, P) -> (L, P)
+            d = d.to(dtypes.pop()) if len(dtypes) == 1 else d
+            for layer, i in enumerate(members):
+                p = self._params[i]
+                out[i] = d[layer].view(p.shape).to(p.dtype)
+                del self._kept[i]
         for i, grads in self._kept.items():
-            out[i] = weighted_sum(weights, grads, self._params[i].shape).to(self._params[i].dtype)
+            dtype = (grads.values if isinstance(grads, Rows) else grads).dtype
+            d_i = weighted_sum(like(dtype), grads, self._params[i].shape)
+            out[i] = d_i.to(self._params[i].dtype)
             # held by nothing else: d is a new tensor
             self._workspace.give(grads.values if isinstance(grads, Rows) else grads)
         for i, stack in self._fallback_grads.items():
             out[i] = torch.tensordot(weights.to(stack.dtype), stack, dims=1)
+
+        per_sample = weights[self._groups.ids]  # (B,) w_{k(i)}
 
         def scaled(call: Call, bk: Tensor) -> dict[str, Tensor]:
             weighted = bk * per_sample.to(bk.dtype).reshape(-1, *([1] * (bk.dim() - 1)))

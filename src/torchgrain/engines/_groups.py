@@ -58,6 +58,22 @@ class GroupIndex:
         """``(B, ...)`` with the samples ordered by group (no copy when they already are)."""
         return t if self.contiguous else t.index_select(0, self.order)
 
+    @property
+    def uniform(self) -> bool:
+        """The samples are sorted by group and the groups have equal sizes: a ``(B, ...)``
+        tensor is an ``(m, B / m, ...)`` one, with no gather."""
+        return self.contiguous and len(set(self.counts)) == 1
+
+    def sums(self, t: Tensor, dims: int = 0) -> Tensor:
+        """``(B, ...)`` -> ``(m, ...)``: each group's sum over its samples and over the ``dims``
+        dimensions after the batch one (a bias: ``(B, T, out)`` with ``dims=1``). One reduction
+        when the groups are :attr:`uniform`; else the per-sample sums scattered by group."""
+        if self.uniform:
+            return t.reshape(self.m, -1, *t.shape[1 + dims :]).sum(1)
+        if dims:
+            t = t.reshape(t.shape[0], -1, *t.shape[1 + dims :]).sum(1)
+        return t.new_zeros(self.m, *t.shape[1:]).index_add_(0, self.ids, t)
+
     def split(self, t: Tensor) -> tuple[Tensor, ...]:
         """``(B, ...)`` -> m tensors ``(|S_k|, ...)``, one per group."""
         return self.sort(t).split(self.counts)

@@ -56,10 +56,7 @@ class ConvRule:
                 ]
             )
         if "bias" in names:
-            per_sample = Bk.flatten(2).sum(2)  # (B, out_channels)
-            out["bias"] = per_sample.new_zeros(groups.m, per_sample.shape[1]).index_add_(
-                0, groups.ids, per_sample
-            )
+            out["bias"] = groups.sums(Bk.flatten(2).sum(2))  # of (B, out_channels)
         return out
 
     def combine(self, module: nn.Module, A: Tensor, Bk: Tensor) -> dict[str, Tensor]:

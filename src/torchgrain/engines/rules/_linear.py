@@ -141,8 +141,7 @@ def ghost_weight_gram(
 
 def _bias_grads(Bk: Tensor, groups: GroupIndex) -> Tensor:
     """``(m, out)`` per-group sums of the output gradient."""
-    per_sample = Bk.reshape(Bk.shape[0], -1, Bk.shape[-1]).sum(1)  # (B, out)
-    return per_sample.new_zeros(groups.m, Bk.shape[-1]).index_add_(0, groups.ids, per_sample)
+    return groups.sums(Bk.reshape(Bk.shape[0], -1, Bk.shape[-1]), dims=1)
 
 
 @register_rule(nn.Linear)

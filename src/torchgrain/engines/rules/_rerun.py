@@ -157,10 +157,7 @@ class RerunRule:
         if per_sample is None and closed_form_pays(A, groups.m):
             per_sample = per_sample_closed_form(module, A, Bk)
         if per_sample is not None:
-            return {
-                n: g.new_zeros(groups.m, *g.shape[1:]).index_add_(0, groups.ids, g)
-                for n, g in per_sample.items()
-            }
+            return {n: groups.sums(g) for n, g in per_sample.items()}
         per_group = [
             rerun_grads(module, a, b)
             for a, b in zip(groups.split(A), groups.split(Bk), strict=True)
