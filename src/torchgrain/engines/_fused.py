@@ -50,16 +50,25 @@ from torchgrain.engines.rules._base import GroupGrad, Rows, add, gram_of, nbytes
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of kept group gradients (1 GiB)
 
-# Off the CPU the step is bound by the host (Python and kernel launches): the Gram blocks of kept
-# group gradients are taken a stack of same-sized parameters at a time (see
-# FusedEngine._stack_grams), in stacks of at most this many values (256 MiB in float64).
+# Off the CPU the step is bound by the host (Python and kernel launches): the Gram blocks of group
+# gradients are taken a stack of same-sized parameters at a time, in stacks of at most this many
+# values (256 MiB in float64). Book-keeping holds at most half as many values waiting for their
+# stack, then drops them.
 STACK_VALUES = 1 << 25
 
 
 def _stacks_grams(device: torch.device) -> bool:
-    """Whether kept group gradients are stacked for their Gram (off the CPU; on the CPU the
-    copy costs more than the kernels it saves, and ``gram_of`` multiplies in float32)."""
+    """Whether group gradients are stacked for their Gram (off the CPU; on the CPU the copy
+    costs more than the kernels it saves, and ``gram_of`` multiplies in float32)."""
     return device.type != "cpu"
+
+
+def _stack_gram(flats: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """The ``(m, m)`` float64 sum of the Gram blocks of L same-sized ``(m, P)`` group gradients,
+    in one batched product, and their ``(L, m, P)`` stack."""
+    stack = torch.stack(flats)
+    wide = stack.to(torch.float64)
+    return torch.bmm(wide, wide.transpose(1, 2)).sum(0), stack
 
 
 class FusedEngine:
@@ -257,8 +266,15 @@ class FusedEngine:
             for call, pname in pairs:
                 users.setdefault(id(call), []).append((i, pname))
 
-        stacked: list[int] = []  # kept, their Gram blocks left to _stack_grams
         stacks = _stacks_grams(groups.ids.device)
+        stacked: list[int] = []  # kept, their Gram blocks left to _stack_grams
+        waiting: dict[tuple[int, torch.dtype], list[Tensor]] = {}  # book-keeping, (m, P) each
+
+        def drop_waiting() -> None:  # their Gram blocks, a stack per size; then they are freed
+            nonlocal gram
+            for flats in waiting.values():
+                gram += gram_of(flats[0]) if len(flats) == 1 else _stack_gram(flats)[0]
+            waiting.clear()
 
         def finish(i: int) -> None:  # every call of parameter i is in: its Gram, keep or not
             total = pending.pop(i, None)
@@ -278,6 +294,13 @@ class FusedEngine:
                     stacked.append(i)
                     return
                 gram += gram_of(total)
+            elif stacks and isinstance(total, Tensor):  # book-keeping, its Gram with others'
+                held = sum(len(f) * f[0].numel() for f in waiting.values()) + total.numel()
+                if held > STACK_VALUES // 2:
+                    drop_waiting()
+                waiting.setdefault((total.numel(), total.dtype), []).append(
+                    total.reshape(groups.m, -1)
+                )
             else:  # book-keeping: its buffer serves the next
                 gram += gram_of(total)
                 self._workspace.give(total.values if isinstance(total, Rows) else total)
@@ -322,6 +345,7 @@ class FusedEngine:
 
         stream = sink is None and self._streams(rule_params, groups.m, keep_all)
         backward_to_outputs(root, edges, serve, stream=stream, retain_graph=retain_graph)
+        drop_waiting()
         return gram + self._stack_grams(stacked) if stacked else gram
 
     def _stack_grams(self, indices: list[int]) -> Tensor:
@@ -344,9 +368,8 @@ class FusedEngine:
                 if len(members) == 1:
                     gram += gram_of(dense[members[0]])
                     continue
-                stack = torch.stack([dense[i].reshape(m, -1) for i in members])  # (L, m, P)
-                wide = stack.to(torch.float64)
-                gram += torch.bmm(wide, wide.transpose(1, 2)).sum(0)
+                block, stack = _stack_gram([dense[i].reshape(m, -1) for i in members])
+                gram += block
                 for layer, i in enumerate(members):
                     self._kept[i] = stack[layer].view(dense[i].shape)
                 self._stacks.append((stack, members))
@@ -457,7 +480,9 @@ class FusedEngine:
         cast: dict[torch.dtype, Tensor] = {}  # the weights in each group gradients' dtype
 
         def like(dtype: torch.dtype) -> Tensor:
-            return cast.setdefault(dtype, weights.to(dtype))
+            if dtype not in cast:
+                cast[dtype] = weights.to(dtype)
+            return cast[dtype]
 
         for stack, members in self._stacks:  # (L, m, P): d of L parameters in one product
             dtypes = {self._params[i].dtype for i in members}
@@ -476,10 +501,13 @@ class FusedEngine:
         for i, stack in self._fallback_grads.items():
             out[i] = torch.tensordot(weights.to(stack.dtype), stack, dims=1)
 
-        per_sample = weights[self._groups.ids]  # (B,) w_{k(i)}
+        per_sample: dict[torch.dtype, Tensor] = {}  # (B,) w_{k(i)}, once per dtype
+        ids = self._groups.ids
 
         def scaled(call: Call, bk: Tensor) -> dict[str, Tensor]:
-            weighted = bk * per_sample.to(bk.dtype).reshape(-1, *([1] * (bk.dim() - 1)))
+            if bk.dtype not in per_sample:
+                per_sample[bk.dtype] = like(bk.dtype)[ids]
+            weighted = bk * per_sample[bk.dtype].reshape(-1, *([1] * (bk.dim() - 1)))
             return self.hooks.rules[call.module].combine(call.module, call.A, weighted)
 
         per_call = self._per_call(scaled)
