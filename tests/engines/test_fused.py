@@ -15,9 +15,8 @@ from torch import Tensor, nn
 
 import torchgrain
 from tests._models import CNN, TiedLM, lm_losses, mlp, per_sample_ce
-from torchgrain.engines import FusedEngine, GroupIndex, LoopEngine, _fused
+from torchgrain.engines import FusedEngine, GroupIndex
 from torchgrain.engines._hooks import reaches
-from torchgrain.engines.rules._base import to_dense
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -512,71 +511,6 @@ def test_reaches_finds_the_nodes_above_the_targets() -> None:
     assert reaches(root.grad_fn, {a.grad_fn, c.grad_fn}) >= {c.grad_fn}  # c lies above a
 
 
-@pytest.mark.parametrize("budget", [float("inf"), 0], ids=["keep", "bookkeeping"])
-@pytest.mark.parametrize("stack_values", [2048, 1 << 25], ids=["small_stacks", "large_stacks"])
-@pytest.mark.parametrize(("m", "B", "ids"), [(8, *GROUPINGS[8]), (4, 12, None)])
-@pytest.mark.parametrize(
-    "name", ["tied_embedding_lm", "hf_gpt2", "hf_llama", "peft_lora_bert", "cnn_groupnorm"]
-)
-def test_stacked_grams_equal_the_loop_engine(
-    name: str, m: int, B: int, ids: Tensor | None, stack_values: int, budget: float, monkeypatch
-) -> None:
-    """Off the CPU the group gradients of same-sized parameters are stacked for their Gram (and,
-    kept, for ``d``); forced here on the CPU. The step, and with ``keep_groups`` the group
-    gradients themselves, equal the loop engine's, whether a stack holds one parameter or many;
-    with m = 4 of B = 12 in order the groups are uniform (one reduction per group sum)."""
-    if name.startswith(("hf_", "peft_")):
-        pytest.importorskip("transformers")
-        pytest.importorskip("peft")
-    monkeypatch.setattr(_fused, "_stacks_grams", lambda device: True)
-    monkeypatch.setattr(_fused, "STACK_VALUES", stack_values)
-    sizes: list[int] = []  # parameters per stack
-    stack_gram = _fused._stack_gram
-
-    def spy(flats: list[Tensor]) -> tuple[Tensor, Tensor]:
-        sizes.append(len(flats))
-        return stack_gram(flats)
-
-    monkeypatch.setattr(_fused, "_stack_gram", spy)
-    case = CASES[name]
-    torch.manual_seed(0)
-    model = case.build()
-    ref_stats, ref = _run_groups(case, copy.deepcopy(model), "loop", m, B, ids)
-    stats, got = _run_groups(case, model, "fused", m, B, ids, memory_budget=budget)
-    assert stats.engine == "fused"
-    assert _rel(stats.gram, ref_stats.gram) <= 1e-6
-    _assert_grads_close(got, ref)
-    # Stacks of several parameters were formed (the tied LM's three parameters differ in size;
-    # book-keeping with small stacks holds too few values to wait for most second ones).
-    if name != "tied_embedding_lm" and (budget > 0 or stack_values > 2048):
-        assert sizes
-
-    group_ids = torch.arange(B) * m // B if ids is None else ids
-    groups = GroupIndex.build(group_ids, torch.bincount(group_ids, minlength=m))
-    params = [p for p in model.parameters() if p.requires_grad]
-    fused = FusedEngine(model, memory_budget=budget)
-    grams, per_group = [], []
-    for engine in (fused, LoopEngine()):
-        losses = case.losses(model, case.batch(B))
-        grams.append(engine.gram(losses, groups, params, keep_groups=True))
-        per_group.append(engine.group_grads())
-    fused.close()
-    assert _rel(grams[0], grams[1]) <= 1e-6
-    for a, b in zip(*per_group, strict=True):
-        if b is not None:
-            dense = a if isinstance(a, Tensor) else to_dense(a, b.shape[1:])
-            assert _rel(dense, b) <= 1e-6
-
-
-def _run_groups(
-    case: Case, model: nn.Module, engine: str, m: int, B: int, ids: Tensor | None, **kwargs
-) -> tuple[torchgrain.GrainStats, list[Tensor]]:  # type: ignore[no-untyped-def]
-    grain = torchgrain.GRAIN(model, num_groups=m, engine=engine, **kwargs)
-    stats = grain.backward(case.losses(model, case.batch(B)), ids)
-    grain.close()
-    return stats, _grads(model)
-
-
 @pytest.mark.parametrize("ids", [[0, 0, 1, 1, 2, 2], [0, 0, 0, 1, 2, 2], [1, 0, 2, 1, 0, 2]])
 def test_group_sums_are_the_sums_of_each_groups_samples(ids: list[int]) -> None:
     group_ids = torch.tensor(ids)
@@ -586,3 +520,23 @@ def test_group_sums_are_the_sums_of_each_groups_samples(ids: list[int]) -> None:
     expected = torch.stack([t[group_ids == k].sum(0) for k in range(3)])
     assert _rel(groups.sums(t), expected) <= 1e-12
     assert _rel(groups.sums(t, dims=1), expected.sum(1)) <= 1e-12
+
+
+@pytest.mark.parametrize("name", ["cnn_groupnorm", "mlp_layernorm", "hf_llama", "peft_lora_bert"])
+def test_uniform_groups_equal_the_loop_engine(name: str) -> None:
+    """Samples in group order and equal group sizes (m = 4 of B = 12, contiguous): the rules sum
+    each group by one reduction (:meth:`GroupIndex.sums`) and the step equals the loop engine's."""
+    if name.startswith(("hf_", "peft_")):
+        pytest.importorskip("transformers")
+        pytest.importorskip("peft")
+    case = CASES[name]
+    torch.manual_seed(0)
+    model = case.build()
+    steps = []
+    for net, engine in ((copy.deepcopy(model), "loop"), (model, "fused")):
+        grain = torchgrain.GRAIN(net, num_groups=4, engine=engine)
+        steps.append((grain.backward(case.losses(net, case.batch(12))), _grads(net)))
+        grain.close()
+    (ref_stats, ref), (stats, got) = steps
+    assert stats.engine == "fused" and _rel(stats.gram, ref_stats.gram) <= 1e-6
+    _assert_grads_close(got, ref)

@@ -17,10 +17,7 @@ weight on few tokens), which it takes when its cost model finds it cheaper than 
 The Linear and Embedding rules' buffers come from a workspace reused from step to step
 (``_workspace``). On the CPU each layer's rule is served as its ``Bk`` arrives (a hook on its
 output's autograd node), so that autograd frees ``Bk`` as plain training would, wherever the
-order cannot change which parameters are kept (all fit ``memory_budget``, or none). Off the CPU,
-where the step is bound by the host, the kept group gradients of same-sized parameters are
-stacked, so that their Gram blocks and ``d`` take a few kernels per stack rather than per
-parameter (``_stack_grams``).
+order cannot change which parameters are kept (all fit ``memory_budget``, or none).
 
 Exactness: a parameter is served by its rule only if every use of it in the autograd graph is a
 recorded call whose input and output have the batch dimension B first and whose input was not
@@ -49,26 +46,6 @@ from torchgrain.engines.rules import find_rule
 from torchgrain.engines.rules._base import GroupGrad, Rows, add, gram_of, nbytes, weighted_sum
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of kept group gradients (1 GiB)
-
-# Off the CPU the step is bound by the host (Python and kernel launches): the Gram blocks of group
-# gradients are taken a stack of same-sized parameters at a time, in stacks of at most this many
-# values (256 MiB in float64). Book-keeping holds at most half as many values waiting for their
-# stack, then drops them.
-STACK_VALUES = 1 << 25
-
-
-def _stacks_grams(device: torch.device) -> bool:
-    """Whether group gradients are stacked for their Gram (off the CPU; on the CPU the copy
-    costs more than the kernels it saves, and ``gram_of`` multiplies in float32)."""
-    return device.type != "cpu"
-
-
-def _stack_gram(flats: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """The ``(m, m)`` float64 sum of the Gram blocks of L same-sized ``(m, P)`` group gradients,
-    in one batched product, and their ``(L, m, P)`` stack."""
-    stack = torch.stack(flats)
-    wide = stack.to(torch.float64)
-    return torch.bmm(wide, wide.transpose(1, 2)).sum(0), stack
 
 
 class FusedEngine:
@@ -115,7 +92,6 @@ class FusedEngine:
         self._kept: dict[int, GroupGrad] = {}  # param index -> group gradients
         self._recompute: dict[int, list[tuple[Call, str, Tensor]]] = {}  # index -> (call, name, Bk)
         self._fallback_grads: dict[int, Tensor] = {}  # index -> (m, *shape)
-        self._stacks: list[tuple[Tensor, list[int]]] = []  # (L, m, P) kept, their param indices
         self._reached: list[bool] = []
         self._groups: GroupIndex | None = None
 
@@ -266,16 +242,6 @@ class FusedEngine:
             for call, pname in pairs:
                 users.setdefault(id(call), []).append((i, pname))
 
-        stacks = _stacks_grams(groups.ids.device)
-        stacked: list[int] = []  # kept, their Gram blocks left to _stack_grams
-        waiting: dict[tuple[int, torch.dtype], list[Tensor]] = {}  # book-keeping, (m, P) each
-
-        def drop_waiting() -> None:  # their Gram blocks, a stack per size; then they are freed
-            nonlocal gram
-            for flats in waiting.values():
-                gram += gram_of(flats[0]) if len(flats) == 1 else _stack_gram(flats)[0]
-            waiting.clear()
-
         def finish(i: int) -> None:  # every call of parameter i is in: its Gram, keep or not
             total = pending.pop(i, None)
             if total is None:
@@ -285,24 +251,13 @@ class FusedEngine:
                 sink(i, total)
                 return
             nonlocal gram
+            gram += gram_of(total)
             size = nbytes(total)
             if keep_all or (self._fits(size) and self._keep_pays(i, groups.m)):
                 self.kept_bytes += size
                 self._kept[i] = total
                 del self._recompute[i]
-                if stacks and isinstance(total, Tensor):
-                    stacked.append(i)
-                    return
-                gram += gram_of(total)
-            elif stacks and isinstance(total, Tensor):  # book-keeping, its Gram with others'
-                held = sum(len(f) * f[0].numel() for f in waiting.values()) + total.numel()
-                if held > STACK_VALUES // 2:
-                    drop_waiting()
-                waiting.setdefault((total.numel(), total.dtype), []).append(
-                    total.reshape(groups.m, -1)
-                )
             else:  # book-keeping: its buffer serves the next
-                gram += gram_of(total)
                 self._workspace.give(total.values if isinstance(total, Rows) else total)
 
         def serve(call: Call, bk: Tensor | None) -> None:
@@ -345,34 +300,6 @@ class FusedEngine:
 
         stream = sink is None and self._streams(rule_params, groups.m, keep_all)
         backward_to_outputs(root, edges, serve, stream=stream, retain_graph=retain_graph)
-        drop_waiting()
-        return gram + self._stack_grams(stacked) if stacked else gram
-
-    def _stack_grams(self, indices: list[int]) -> Tensor:
-        """The Gram blocks of these kept parameters, a few kernels per batch of same-sized ones:
-        their group gradients copied into one ``(L, m, P)`` stack (at most ``STACK_VALUES``
-        values), one float64 batched product summed over L. The kept group gradients become
-        views of their stack, which ``combine`` sums with the weights in one product; the
-        parameter's own buffer is freed."""
-        assert self._groups is not None
-        m = self._groups.m
-        gram = torch.zeros(m, m, dtype=torch.float64, device=self._groups.ids.device)
-        dense = {i: kept for i in indices if isinstance(kept := self._kept[i], Tensor)}
-        sizes: dict[tuple[int, torch.dtype], list[int]] = {}
-        for i, kept in dense.items():
-            sizes.setdefault((kept.numel(), kept.dtype), []).append(i)
-        for (numel, _), same in sizes.items():
-            per_stack = max(1, STACK_VALUES // numel)
-            for start in range(0, len(same), per_stack):
-                members = same[start : start + per_stack]
-                if len(members) == 1:
-                    gram += gram_of(dense[members[0]])
-                    continue
-                block, stack = _stack_gram([dense[i].reshape(m, -1) for i in members])
-                gram += block
-                for layer, i in enumerate(members):
-                    self._kept[i] = stack[layer].view(dense[i].shape)
-                self._stacks.append((stack, members))
         return gram
 
     def _streams(
@@ -477,29 +404,20 @@ class FusedEngine:
             return delegated
         assert self._groups is not None
         out: list[Tensor | None] = [None] * len(self._params)
-        cast: dict[torch.dtype, Tensor] = {}  # the weights in each group gradients' dtype
+        cast: dict[torch.dtype, Tensor] = {}  # the weights in each dtype, cast once per step
 
         def like(dtype: torch.dtype) -> Tensor:
             if dtype not in cast:
                 cast[dtype] = weights.to(dtype)
             return cast[dtype]
 
-        for stack, members in self._stacks:  # (L, m, P): d of L parameters in one product
-            dtypes = {self._params[i].dtype for i in members}
-            d = torch.matmul(like(stack.dtype), stack)  # (m,) x (L, m, P) -> (L, P)
-            d = d.to(dtypes.pop()) if len(dtypes) == 1 else d
-            for layer, i in enumerate(members):
-                p = self._params[i]
-                out[i] = d[layer].view(p.shape).to(p.dtype)
-                del self._kept[i]
         for i, grads in self._kept.items():
-            dtype = (grads.values if isinstance(grads, Rows) else grads).dtype
-            d_i = weighted_sum(like(dtype), grads, self._params[i].shape)
+            values = grads.values if isinstance(grads, Rows) else grads
+            d_i = weighted_sum(like(values.dtype), grads, self._params[i].shape)
             out[i] = d_i.to(self._params[i].dtype)
-            # held by nothing else: d is a new tensor
-            self._workspace.give(grads.values if isinstance(grads, Rows) else grads)
+            self._workspace.give(values)  # held by nothing else: d is a new tensor
         for i, stack in self._fallback_grads.items():
-            out[i] = torch.tensordot(weights.to(stack.dtype), stack, dims=1)
+            out[i] = torch.tensordot(like(stack.dtype), stack, dims=1)
 
         per_sample: dict[torch.dtype, Tensor] = {}  # (B,) w_{k(i)}, once per dtype
         ids = self._groups.ids
