@@ -100,6 +100,21 @@ def test_gpu_profile_script_says_so_without_cuda() -> None:
     assert done.returncode == 0 and "no CUDA device" in done.stdout, done.stderr
 
 
+def test_gpu_ab_script_says_so_without_cuda_and_checks_its_base(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: the script would run the comparison")
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable}
+    script = str(BENCHMARKS / "gpu_ab.sh")
+    done = subprocess.run(["bash", script, str(tmp_path)], capture_output=True, text=True, env=env)
+    assert done.returncode == 2 and "holds no torchgrain package" in done.stderr, done.stderr
+    (tmp_path / "torchgrain").mkdir()
+    (tmp_path / "torchgrain" / "__init__.py").write_text("")
+    done = subprocess.run(["bash", script, str(tmp_path)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and "no CUDA device" in done.stdout, done.stderr
+
+
 def test_the_deferred_mode_gives_plain_trainings_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
     """``step_paired.py``'s floor diagnostic computes the same gradients as ``backward()``."""
     import argparse
