@@ -197,7 +197,7 @@ def _stages(args: argparse.Namespace, mode: str) -> dict[str, float]:
     for rule in sorted(rules, key=lambda r: r.__name__):
         if "group_grads" in vars(rule):  # a subclass that inherits it counts under its parent
             timed(rule, "group_grads", f"    {rule.__name__}.group_grads")
-    timed(fused, "gram_of", "    Gram products")
+    timed(fused, "add_gram", "    Gram products")
     timed(grain_module.GRAIN, "_solve", "solve")
     timed(fused.FusedEngine, "combine", "d (combine)")
     seconds.clear()

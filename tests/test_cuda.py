@@ -21,7 +21,7 @@ from tests.engines.test_fused import CASES, GROUPINGS, _assert_grads_close, _gra
 from tests.solvers._zoo import zoo
 from tests.solvers.test_aggregators import SOLVERS, TOL, prefs, same_point
 from torchgrain.engines import GroupIndex
-from torchgrain.engines.rules._base import gram_of
+from torchgrain.engines.rules._base import Rows, add_gram, gram_of
 from torchgrain.engines.rules._linear import LinearRule, ghost_weight_gram
 from torchgrain.solvers import solve
 
@@ -165,6 +165,25 @@ def test_ghost_gram_on_the_device(device: str, dtype: torch.dtype) -> None:
     )
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(ghost, exact, rtol=tol, atol=tol * float(exact.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("device", DEVICES)
+def test_add_gram_accumulates_the_float64_gram(device: str, dtype: torch.dtype) -> None:
+    """``add_gram`` adds the Gram of dense and row group gradients to a float64 ``gram`` in place
+    (off the CPU as one GEMM accumulating into it), as the float64 product would."""
+    g = torch.Generator().manual_seed(0)
+    dense = torch.randn(4, 6, 5, generator=g).to(dtype)
+    rows = Rows(torch.tensor([1, 3]), torch.randn(4, 2, 5, generator=g).to(dtype))
+    gram = torch.eye(4, dtype=torch.float64, device=device)
+    before = gram.data_ptr()
+    add_gram(gram, dense.to(device))
+    add_gram(gram, Rows(rows.index.to(device), rows.values.to(device)))
+    flat = torch.cat([dense.reshape(4, -1), rows.values.reshape(4, -1)], 1).double()
+    expected = torch.eye(4, dtype=torch.float64) + flat @ flat.T
+    assert gram.data_ptr() == before and gram.dtype == torch.float64
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(gram.cpu(), expected, rtol=tol, atol=tol)
 
 
 def test_gpu_check_script_says_so_without_cuda() -> None:

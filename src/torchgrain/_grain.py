@@ -30,7 +30,7 @@ from torchgrain.engines import (
     GroupIndex,
     LoopEngine,
 )
-from torchgrain.engines.rules._base import GroupGrad, cat, gram_of, weighted_sum
+from torchgrain.engines.rules._base import GroupGrad, add_gram, cat, weighted_sum
 from torchgrain.exchange import Exchange, RankExchange, ShardedExchange
 from torchgrain.exchange._sharded import check_sharded, is_sharded, unsharded
 from torchgrain.solvers import (
@@ -478,7 +478,7 @@ class GRAIN:
             gram = torch.zeros(len(sizes), len(sizes), dtype=torch.float64, device=sizes.device)
             for g in grads:
                 if g is not None:
-                    gram += gram_of(g)
+                    add_gram(gram, g)
         present = (sizes > 0).nonzero().squeeze(-1)
         gram_present = gram[present][:, present]
         started = time.perf_counter()

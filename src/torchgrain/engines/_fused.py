@@ -43,7 +43,7 @@ from torchgrain.engines._hooks import Call, HookManager, backward_to_outputs, co
 from torchgrain.engines._loop import LoopEngine, per_group_gradients
 from torchgrain.engines._workspace import Workspace
 from torchgrain.engines.rules import find_rule
-from torchgrain.engines.rules._base import GroupGrad, Rows, add, gram_of, nbytes, weighted_sum
+from torchgrain.engines.rules._base import GroupGrad, Rows, add, add_gram, nbytes, weighted_sum
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of kept group gradients (1 GiB)
 
@@ -180,7 +180,7 @@ class FusedEngine:
                     sink(i, stack)
                 elif stack is not None:  # reached (uses > 0), so never None in practice
                     self._fallback_grads[i] = stack
-                    gram += gram_of(stack)
+                    add_gram(gram, stack)
         if edges:
             root = group_losses.sum()  # the backward's root, built with autograd on
             with self._workspace.active(), torch.no_grad():
@@ -250,8 +250,7 @@ class FusedEngine:
                 del self._recompute[i]
                 sink(i, total)
                 return
-            nonlocal gram
-            gram += gram_of(total)
+            add_gram(gram, total)
             size = nbytes(total)
             if keep_all or (self._fits(size) and self._keep_pays(i, groups.m)):
                 self.kept_bytes += size

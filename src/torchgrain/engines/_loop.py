@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from torchgrain.engines._groups import GroupIndex
-from torchgrain.engines.rules._base import GroupGrad, gram_of
+from torchgrain.engines.rules._base import GroupGrad, add_gram
 
 
 class LoopEngine:
@@ -58,7 +58,7 @@ class LoopEngine:
             if stack is not None and sink is not None:
                 sink(i, stack)
             elif stack is not None:
-                gram += gram_of(stack)
+                add_gram(gram, stack)
         if sink is not None:
             self._reached_only = [g is not None for g in self._grads]
             self._grads = []

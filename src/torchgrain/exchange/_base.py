@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from torchgrain.engines.rules._base import GroupGrad, gram_of
+from torchgrain.engines.rules._base import GroupGrad, add_gram
 from torchgrain.exchange._layout import touched_rows
 
 CAPACITY = 64  # group sizes per rank that travel with the first collective; more need a second
@@ -236,7 +236,7 @@ class Stream:
         for work, _send, recv in self._in_flight:
             self.x._wait(_SHARDS, work)
             shard = recv.reshape(M, -1)  # every rank's groups, my shard of them
-            partial += gram_of(shard)
+            add_gram(partial, shard)
             if self.keep:
                 shards.append(shard)
         self._in_flight = []

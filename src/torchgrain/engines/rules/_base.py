@@ -199,6 +199,17 @@ def gram_of(grad: GroupGrad) -> Tensor:
     return _self_product(flat.to(torch.float64))
 
 
+def add_gram(gram: Tensor, grad: GroupGrad) -> Tensor:
+    """``gram += gram_of(grad)`` in place, for the ``(m, m)`` float64 ``gram``. Off the CPU, where
+    the step is bound by the host's kernel launches, the float64 product accumulates straight into
+    ``gram`` (one GEMM, no separate sum)."""
+    values = grad.values if isinstance(grad, Rows) else grad
+    if values.device.type == "cpu":
+        return gram.add_(gram_of(grad))
+    wide = values.reshape(values.shape[0], -1).to(torch.float64)  # (m, P)
+    return gram.addmm_(wide, wide.T)
+
+
 def weighted_sum(weights: Tensor, grad: GroupGrad, shape: torch.Size) -> Tensor:
     """``sum_k w_k g_k`` as a dense tensor of the parameter's shape."""
     if isinstance(grad, Tensor):
