@@ -7,8 +7,8 @@
 # torchgrain package of the base; on the device tool, carry it:
 #   mkdir -p .ab/base && git archive REV src | tar -x -C .ab/base   # .ab/ in .git/info/exclude
 #   bash benchmarks/gpu_ab.sh .ab/base/src                          # carry: [".ab"]
-# Logs go to $OUT (the device tool's folder) or benchmarks/gpu/ab (7 files, *_new and *_base). Without
-# CUDA it says so and exits 0. Log of its first form: benchmarks/gpu/stacked_ab/.
+# Logs go to $OUT (the device tool's folder) or benchmarks/gpu/ab (7 files, *_new and *_base).
+# Without CUDA it says so and exits 0. Log of its first form: benchmarks/gpu/stacked_ab/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SCRIPT=gpu_ab TASK=compare
