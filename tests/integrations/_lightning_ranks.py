@@ -67,6 +67,8 @@ def main() -> None:
         },
         out / f"rank{trainer.global_rank}.pt",
     )
+    dist.barrier()  # no rank tears Gloo down while another still talks to it (see _trainer_ranks)
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

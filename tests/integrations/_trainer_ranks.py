@@ -47,6 +47,10 @@ def main() -> None:
         },
         out / f"rank{dist.get_rank()}.pt",
     )
+    # Trainer leaves the process group up; a rank that exits with Gloo's threads still running
+    # died once with SIGABRT ("terminate called without an active exception") in CI.
+    dist.barrier()  # no rank tears Gloo down while another still talks to it
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
