@@ -521,3 +521,31 @@ def test_group_sums_are_the_sums_of_each_groups_samples(ids: list[int]) -> None:
     expected = torch.stack([t[group_ids == k].sum(0) for k in range(3)])
     assert _rel(groups.sums(t), expected) <= 1e-12
     assert _rel(groups.sums(t, dims=1), expected.sum(1)) <= 1e-12
+
+
+@pytest.mark.parametrize("budget", [0, float("inf")], ids=["bookkeeping", "keep"])
+def test_the_vectors_gram_blocks_are_taken_together(budget: float, monkeypatch) -> None:
+    """The 1-D parameters (biases, LayerNorm scales and shifts) add their Gram blocks as one
+    ``(m, sum P)`` product at the end of the backward; the step still equals the loop engine's."""
+    pytest.importorskip("transformers")
+    from torchgrain.engines import _fused
+    from torchgrain.engines.rules._base import GroupGrad, Rows
+
+    blocks: list[tuple[int, ...]] = []
+    add_gram = _fused.add_gram
+
+    def spy(gram: Tensor, grad: GroupGrad) -> Tensor:
+        blocks.append(tuple((grad.values if isinstance(grad, Rows) else grad).shape))
+        return add_gram(gram, grad)
+
+    monkeypatch.setattr(_fused, "add_gram", spy)
+    case = CASES["hf_bert"]
+    torch.manual_seed(0)
+    model = case.build()
+    _, ref = _run(case, copy.deepcopy(model), "loop", 3)
+    _, got = _run(case, model, "fused", 3, memory_budget=budget)
+    _assert_grads_close(got, ref)
+    vectors = sum(p.numel() for p in model.parameters() if p.requires_grad and p.dim() == 1)
+    assert (3, vectors) in blocks and all(
+        len(shape) > 2 or shape == (3, vectors) for shape in blocks
+    )
