@@ -80,5 +80,4 @@ class GroupIndex:
 
     def group_means(self, losses: Tensor) -> Tensor:
         """``(B,)`` per-sample losses -> ``(m,)`` group losses ``L_k = mean_{i in S_k} l_i``."""
-        sums = losses.new_zeros(self.m).index_add(0, self.ids, losses)  # (m,)
-        return sums / self.sizes.to(losses.dtype)
+        return self.sums(losses) / self.sizes.to(losses.dtype)
