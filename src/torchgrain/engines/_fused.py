@@ -193,12 +193,12 @@ class FusedEngine:
             root = group_losses.sum()  # the backward's root, built with autograd on
             with self._workspace.active(), torch.no_grad():
                 gram += self._rule_grams(
-                    rule_params, edges, root, groups, keep_groups, sink, retain_graph
+                    rule_params, edges, root, graph, groups, keep_groups, sink, retain_graph
                 )
         return gram
 
     def _cover(
-        self, calls: list[Call], index: dict[int, int], B: int, graph: set[object]
+        self, calls: list[Call], index: dict[int, int], B: int, graph: dict[Any, list[Any]]
     ) -> dict[int, list[tuple[Call, str]]]:
         """param index -> its recorded (call, param name) pairs; sets fallback reasons."""
         covered: dict[int, list[tuple[Call, str]]] = {}
@@ -228,6 +228,7 @@ class FusedEngine:
         rule_params: dict[int, list[tuple[Call, str]]],
         edges: list[Call],
         root: Tensor,
+        graph: dict[Any, list[Any]],
         groups: GroupIndex,
         keep_all: bool,
         sink: Callable[[int, GroupGrad], None] | None,
@@ -319,7 +320,9 @@ class FusedEngine:
                     finish(i)
 
         stream = sink is None and self._streams(rule_params, groups.m, keep_all)
-        backward_to_outputs(root, edges, serve, stream=stream, retain_graph=retain_graph)
+        backward_to_outputs(
+            root, edges, serve, stream=stream, retain_graph=retain_graph, graph=graph
+        )
         if small:
             add_gram(gram, torch.cat(small, dim=1) if len(small) > 1 else small[0])
         for buffer in given:

@@ -153,26 +153,25 @@ def _remove(handles: list[Any]) -> None:
         handle.remove()
 
 
-def count_uses(root: Any, params: list[Tensor]) -> tuple[dict[int, int], set[Any]]:
+def count_uses(root: Any, params: list[Tensor]) -> tuple[dict[int, int], dict[Any, list[Any]]]:
     """How many times each parameter enters the autograd graph below ``root`` (a grad_fn), and
-    the set of the graph's nodes.
+    the graph: each node's children (the nodes its edges lead to, with repeats).
 
     A use is an edge into the parameter's ``AccumulateGrad`` node; a cast of the parameter
     (autocast caches one cast per parameter and reuses it) counts the edges into the cast instead.
     """
     wanted = {id(p) for p in params}
     parents: dict[Any, int] = {}  # node -> number of edges into it
-    seen = set()
+    children: dict[Any, list[Any]] = {}
     stack = [root]
     while stack:
         node = stack.pop()
-        if node is None or node in seen:
+        if node is None or node in children:
             continue
-        seen.add(node)
-        for child, _ in node.next_functions:
-            if child is not None:
-                parents[child] = parents.get(child, 0) + 1
-                stack.append(child)
+        children[node] = [child for child, _ in node.next_functions if child is not None]
+        for child in children[node]:
+            parents[child] = parents.get(child, 0) + 1
+            stack.append(child)
     uses: dict[int, int] = {}
     for node, count in parents.items():
         variable = getattr(node, "variable", None)
@@ -180,25 +179,28 @@ def count_uses(root: Any, params: list[Tensor]) -> tuple[dict[int, int], set[Any
             continue
         uses[id(variable)] = uses.get(id(variable), 0) + count
     # Casts: an edge into AccumulateGrad from a ToCopyBackward node stands for the cast's uses.
-    for node in seen:
+    for node, below in children.items():
         if type(node).__name__.startswith("ToCopyBackward"):
-            for child, _ in node.next_functions:
+            for child in below:
                 variable = getattr(child, "variable", None)
                 if variable is not None and id(variable) in wanted:
                     uses[id(variable)] += parents.get(node, 1) - 1
-    return uses, seen
+    return uses, children
 
 
-def reaches(root: Any, targets: set[Any]) -> set[Any]:
+def reaches(root: Any, targets: set[Any], graph: dict[Any, list[Any]] | None = None) -> set[Any]:
     """The nodes of the autograd graph below ``root`` from which a node of ``targets`` is
     reached by one or more edges: the nodes a backward to those targets runs (targets that lie
-    below other targets included)."""
+    below other targets included). ``graph``: the children already known of some nodes
+    (:func:`count_uses`'s), read instead of walking their edges again."""
     found: set[Any] = set()
     visited: set[Any] = set()
     stack: list[tuple[Any, bool]] = [(root, False)]
     while stack:
         node, expanded = stack.pop()
-        children = [child for child, _ in node.next_functions if child is not None]
+        children = graph.get(node) if graph is not None else None
+        if children is None:
+            children = [child for child, _ in node.next_functions if child is not None]
         if expanded:  # every child is done (the graph has no cycles)
             if any(child in targets or child in found for child in children):
                 found.add(node)
@@ -216,6 +218,7 @@ def backward_to_outputs(
     *,
     stream: bool,
     retain_graph: bool = False,
+    graph: dict[Any, list[Any]] | None = None,
 ) -> None:
     """One backward from ``root`` to the recorded calls' outputs, ``serve(call, Bk)`` for each
     call (``Bk`` ``None`` where its output does not reach ``root``).
@@ -224,10 +227,10 @@ def backward_to_outputs(
     that node as ``Bk`` arrives, so that autograd frees ``Bk`` once the backward has passed it;
     only the others (those with no recorded call below them) are asked of ``autograd.grad`` and
     served, in ``calls``' order, after it. Otherwise every call is asked for, and ``Bk`` is held
-    until the backward ends."""
+    until the backward ends. ``graph``: the graph's children as :func:`count_uses` found them."""
     asked, handles = calls, []
     if stream:
-        below = reaches(root.grad_fn, {c.edge.node for c in calls})
+        below = reaches(root.grad_fn, {c.edge.node for c in calls}, graph)
         asked = [c for c in calls if c.edge.node not in below]
         for call in calls:
             if call.edge.node in below:  # its node runs on the way to a call asked for
