@@ -131,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.one_process:
         shared = _step_module()
         base = shared._build(args, lora=False)
-        steps = {mode: _stepper(args, mode, base) for mode in modes}
-        run = {mode: steps[mode] for mode in modes}
+        run = {mode: _stepper(args, mode, base) for mode in modes}
         workers: list[tuple[Any, Any]] = []
     else:  # one process per method, each with its own allocator; the parent says when to step
         context = multiprocessing.get_context("spawn")
