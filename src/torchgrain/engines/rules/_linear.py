@@ -113,14 +113,13 @@ def ghost_weight_gram(
     few-token batches, where its saving is small anyway."""
     if A.device.type != "cpu" and (A.dtype != torch.float64 or Bk.dtype != torch.float64):
         return None
-    d_in, d_out = A.shape[-1], Bk.shape[-1]
-    a, b = A.reshape(-1, d_in), Bk.reshape(-1, d_out)  # (N, in), (N, out)
-    N = a.shape[0]
+    d_in, d_out, N = A.shape[-1], Bk.shape[-1], _tokens(A)
     if N > GHOST_MAX_TOKENS:
         return None
     costs = path_costs(N, d_in, d_out, groups.m)
     if costs["ghost"] >= min(costs["bookkeeping"], costs["keep"] if keep else math.inf):
         return None
+    a, b = A.reshape(-1, d_in), Bk.reshape(-1, d_out)  # (N, in), (N, out)
     token_groups = groups.ids.repeat_interleave(N // groups.batch_size)  # (N,)
     onehot = torch.nn.functional.one_hot(token_groups, groups.m)  # (N, m)
     if a.dtype != torch.float64:
