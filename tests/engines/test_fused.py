@@ -526,7 +526,8 @@ def test_group_sums_are_the_sums_of_each_groups_samples(ids: list[int]) -> None:
 @pytest.mark.parametrize("budget", [0, float("inf")], ids=["bookkeeping", "keep"])
 def test_the_vectors_gram_blocks_are_taken_together(budget: float, monkeypatch) -> None:
     """The 1-D parameters (biases, LayerNorm scales and shifts) add their Gram blocks as one
-    ``(m, sum P)`` product at the end of the backward; the step still equals the loop engine's."""
+    ``(m, sum P)`` product at the end of the backward, and, kept, take their ``d`` from one product
+    too (their ``.grad`` are views of one buffer); the step still equals the loop engine's."""
     pytest.importorskip("transformers")
     from torchgrain.engines import _fused
     from torchgrain.engines.rules._base import GroupGrad, Rows
@@ -549,3 +550,6 @@ def test_the_vectors_gram_blocks_are_taken_together(budget: float, monkeypatch) 
     assert (3, vectors) in blocks and all(
         len(shape) > 2 or shape == (3, vectors) for shape in blocks
     )
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.dim() == 1]
+    buffers = {g.untyped_storage().data_ptr() for g in grads}
+    assert len(buffers) == (1 if budget else len(grads))

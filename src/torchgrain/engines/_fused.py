@@ -100,6 +100,9 @@ class FusedEngine:
         self._kept: dict[int, GroupGrad] = {}  # param index -> group gradients
         self._recompute: dict[int, list[tuple[Call, str, Tensor]]] = {}  # index -> (call, name, Bk)
         self._fallback_grads: dict[int, Tensor] = {}  # index -> (m, *shape)
+        # the 1-D parameters' group gradients side by side, (m, sum P), and the columns of each
+        # kept one: their d is one product in combine
+        self._joint: tuple[Tensor, dict[int, tuple[int, int]]] | None = None
         self._reached: list[bool] = []
         self._groups: GroupIndex | None = None
 
@@ -255,7 +258,7 @@ class FusedEngine:
         # values) take their Gram blocks together, side by side as one (m, sum P) matrix, at the
         # end: one product instead of one per parameter, whose fixed cost (about 50 us on the
         # CPU, a few kernel launches on a GPU) outweighs their few values.
-        small: list[Tensor] = []  # (m, P) each, P <= SMALL_GRAM_VALUES (_small_vector)
+        small: list[tuple[int, Tensor]] = []  # (index, (m, P)), P <= SMALL_GRAM_VALUES
         given: list[Tensor] = []  # book-keeping's small buffers, given back after their Gram
 
         def finish(i: int) -> None:  # every call of parameter i is in: its Gram, keep or not
@@ -270,7 +273,7 @@ class FusedEngine:
             if held is None:
                 add_gram(gram, total)
             else:
-                small.append(held)
+                small.append((i, held))
             size = nbytes(total)
             if keep_all or (self._fits(size) and self._keep_pays(i, groups.m)):
                 self.kept_bytes += size
@@ -324,7 +327,14 @@ class FusedEngine:
             root, edges, serve, stream=stream, retain_graph=retain_graph, graph=graph
         )
         if small:
-            add_gram(gram, torch.cat(small, dim=1) if len(small) > 1 else small[0])
+            joint = torch.cat([v for _, v in small], dim=1) if len(small) > 1 else small[0][1]
+            add_gram(gram, joint)
+            spans, start = {}, 0
+            for i, vector in small:
+                if i in self._kept:
+                    spans[i] = (start, start + vector.shape[1])
+                start += vector.shape[1]
+            self._joint = (joint, spans) if spans else None
         for buffer in given:
             self._workspace.give(buffer)
         return gram
@@ -438,13 +448,20 @@ class FusedEngine:
                 cast[dtype] = weights.to(dtype)
             return cast[dtype]
 
+        spans: dict[int, tuple[int, int]] = {}
+        if self._joint is not None:  # every kept 1-D parameter's d, from one product
+            joint, spans = self._joint
+            joint_d = like(joint.dtype) @ joint  # (sum P,)
         for i, grads in self._kept.items():
             values = grads.values if isinstance(grads, Rows) else grads
-            d_i = weighted_sum(like(values.dtype), grads, self._params[i].shape)
+            if i in spans:
+                d_i = joint_d[spans[i][0] : spans[i][1]]  # a view: the .grads share one buffer
+            else:
+                d_i = weighted_sum(like(values.dtype), grads, self._params[i].shape)
             out[i] = d_i.to(self._params[i].dtype)
             self._workspace.give(values)  # held by nothing else: d is a new tensor
         for i, stack in self._fallback_grads.items():
-            out[i] = torch.tensordot(like(stack.dtype), stack, dims=1)
+            out[i] = weighted_sum(like(stack.dtype), stack, self._params[i].shape)
 
         per_sample: dict[torch.dtype, Tensor] = {}  # (B,) w_{k(i)}, once per dtype
         ids = self._groups.ids
