@@ -523,6 +523,46 @@ def test_group_sums_are_the_sums_of_each_groups_samples(ids: list[int]) -> None:
     assert _rel(groups.sums(t, dims=1), expected.sum(1)) <= 1e-12
 
 
+@pytest.mark.parametrize("order", ["sorted", "shuffled"])
+@pytest.mark.parametrize("budget", [0, float("inf")], ids=["bookkeeping", "keep"])
+def test_layer_norms_take_the_saved_backward_where_it_pays(
+    order: str, budget: float, monkeypatch
+) -> None:
+    """HF BERT's LayerNorms, served from their nodes' hooks, take their group gradients from the
+    LayerNorm backward kernel per group (with the saved mean and 1/std) where the cost model says
+    so (forced here, as for large calls) and the samples are sorted by group (else the
+    normalised-input path); the step equals the loop engine's either way."""
+    pytest.importorskip("transformers")
+    from torchgrain.engines.rules import _rerun
+
+    served: list[bool] = []
+    per_group = _rerun.per_group_saved_norm
+
+    def spy(*args):  # type: ignore[no-untyped-def]
+        out = per_group(*args)
+        served.append(out is not None)
+        return out
+
+    monkeypatch.setattr(_rerun, "saved_backward_pays", lambda A, m: True)
+    monkeypatch.setattr(_rerun, "per_group_saved_norm", spy)
+    case = CASES["hf_bert"]
+    B, ids = GROUPINGS[8]
+    assert ids is not None
+    if order == "shuffled":
+        ids = ids[torch.randperm(B, generator=_gen(1))]
+    torch.manual_seed(0)
+    model = case.build()
+    batch = case.batch(B)
+    grads = []
+    for engine, net in (("loop", copy.deepcopy(model)), ("fused", model)):
+        grain = torchgrain.GRAIN(net, num_groups=8, engine=engine, memory_budget=budget)
+        grain.backward(case.losses(net, batch), ids)
+        grain.close()
+        grads.append(_grads(net))
+    _assert_grads_close(grads[1], grads[0])
+    assert served and all(s == (order == "sorted") for s in served)
+
+
 @pytest.mark.parametrize("budget", [0, float("inf")], ids=["bookkeeping", "keep"])
 def test_the_vectors_gram_blocks_are_taken_together(budget: float, monkeypatch) -> None:
     """The 1-D parameters (biases, LayerNorm scales and shifts) add their Gram blocks as one

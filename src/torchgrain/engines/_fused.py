@@ -306,10 +306,12 @@ class FusedEngine:
             todo = [(i, pname) for i, pname in mine if pname not in ghosted]
             if not todo:
                 return
+            extra: dict[str, Any] = {}
             if ghosted:
-                grads = rule.group_grads(call.module, call.A, bk, groups, skip=ghosted)
-            else:
-                grads = rule.group_grads(call.module, call.A, bk, groups)
+                extra["skip"] = ghosted
+            if getattr(rule, "reads_node", False):
+                extra["node"] = call.edge.node  # before it runs, when served from its hook
+            grads = rule.group_grads(call.module, call.A, bk, groups, **extra)
             for i, pname in todo:
                 shape = self._params[i].shape
                 before, new = pending.get(i), grads[pname]

@@ -12,9 +12,11 @@ from torchgrain.engines._groups import GroupIndex
 from torchgrain.engines.rules import _rerun, find_rule
 from torchgrain.engines.rules._rerun import (
     closed_form_pays,
+    per_group_saved_norm,
     per_sample_closed_form,
     per_sample_stock_norm,
     rerun_grads,
+    saved_backward_pays,
 )
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -199,3 +201,72 @@ def test_the_normalised_input_is_taken_in_float32_for_half_precision_inputs() ->
     ref = rerun_grads(norm, A.float(), Bk)
     torch.testing.assert_close(got["weight"].sum(0), ref["weight"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got["bias"].sum(0), ref["bias"], rtol=1e-5, atol=1e-5)
+
+
+SAVED = ["layer_norm", "layer_norm_no_bias", "layer_norm_2d"]
+
+
+@pytest.mark.parametrize("name", SAVED)
+@pytest.mark.parametrize("frozen", [None, "weight", "bias"])
+def test_the_saved_backward_gives_each_groups_gradients(
+    name: str, frozen: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PyTorch's LayerNorm on the CPU, large calls: the LayerNorm backward kernel on each group's
+    slice, with the mean and 1/std the call's autograd node saved, gives every group's gradients
+    (uneven groups, frozen parameters, 2-d shapes) without the normalised copy of the input."""
+    torch.manual_seed(0)
+    norm = NORMS[name](6)
+    if frozen is not None and getattr(norm, frozen, None) is not None:
+        getattr(norm, frozen).requires_grad_(False)
+    if not any(p.requires_grad for p in norm.parameters()):
+        pytest.skip("no trainable parameter left")
+    A = (torch.randn(11, 3, 6) * 2 - 1).requires_grad_()
+    node = norm(A).grad_fn
+    Bk = torch.randn(11, 3, 6)
+    groups = _groups([0, 0, 0, 0, 1, 1, 2, 2, 2, 3, 4])  # sorted, uneven: each group a slice
+    refs = [rerun_grads(norm, A[groups.ids == k], Bk[groups.ids == k]) for k in range(groups.m)]
+
+    def refuse(*args):  # type: ignore[no-untyped-def]
+        raise AssertionError("the normalised-input path ran")
+
+    monkeypatch.setattr(_rerun, "saved_backward_pays", lambda A, m: True)  # as for a large call
+    monkeypatch.setattr(_rerun, "per_sample_stock_norm", refuse)
+    rule = find_rule(norm)
+    got = rule.group_grads(norm, A.detach(), Bk, groups, node=node)
+    assert set(got) == set(rule.param_names(norm))
+    for pname, grads in got.items():
+        for k in range(groups.m):
+            torch.testing.assert_close(grads[k], refs[k][pname], rtol=1e-12, atol=1e-12)
+
+
+def test_the_saved_backward_declines_what_it_cannot_serve() -> None:
+    """``None`` (the normalised-input path serves instead) for samples not sorted by group, for
+    another norm's node, for a subclass that changes ``forward`` and for a node that has run."""
+
+    class Shifted(nn.LayerNorm):
+        def forward(self, x: Tensor) -> Tensor:
+            return super().forward(x + 1.0)
+
+    sorted_, shuffled = _groups([0, 0, 1, 1]), _groups([0, 1, 0, 1])
+    Bk = torch.randn(4, 6)
+    norm, A = _layer_norm(6), torch.randn(4, 6, requires_grad=True)
+    out = norm(A)
+    assert per_group_saved_norm(norm, out.grad_fn, Bk, sorted_) is not None
+    assert per_group_saved_norm(norm, out.grad_fn, Bk, shuffled) is None
+    assert per_group_saved_norm(norm, out.grad_fn, Bk[:, :5], sorted_) is None
+    rms = nn.RMSNorm(6)
+    assert per_group_saved_norm(rms, rms(A).grad_fn, Bk, sorted_) is None
+    shifted = Shifted(6)
+    assert per_group_saved_norm(shifted, shifted(A).grad_fn, Bk, sorted_) is None
+    out.backward(Bk)  # the node runs and frees what it saved
+    assert per_group_saved_norm(norm, out.grad_fn, Bk, sorted_) is None
+
+
+def test_the_saved_backward_pays_on_large_cpu_calls_only() -> None:
+    """The measured crossover: near 300k elements of the input at m = 8, 500k at m = 16."""
+    encoder, minilm = torch.empty(16, 64, 256), torch.empty(32, 128, 384)
+    assert saved_backward_pays(minilm, 8) and saved_backward_pays(minilm, 16)
+    assert not saved_backward_pays(encoder, 8)
+    assert saved_backward_pays(torch.empty(32, 32, 384), 8)
+    assert not saved_backward_pays(torch.empty(32, 32, 384), 16)
+    assert not saved_backward_pays(torch.empty(32, 128, 384, device="meta"), 8)

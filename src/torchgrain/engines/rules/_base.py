@@ -49,7 +49,10 @@ class Rule(Protocol):
     def group_grads(
         self, module: nn.Module, A: Tensor, Bk: Tensor, groups: GroupIndex
     ) -> dict[str, GroupGrad]:
-        """Per covered parameter, the ``(m, *shape)`` group gradients of this call."""
+        """Per covered parameter, the ``(m, *shape)`` group gradients of this call. A rule with
+        ``reads_node = True`` is also passed ``node=``: the autograd node of the call's output,
+        before it runs (its saved tensors readable), where the engine serves the rule from that
+        node's hook; ``None`` elsewhere."""
         ...
 
     def combine(self, module: nn.Module, A: Tensor, Bk: Tensor) -> dict[str, Tensor]:
