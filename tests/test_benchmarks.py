@@ -86,6 +86,20 @@ def test_step_paths_prints_each_path_and_the_model_pick() -> None:
     assert len(re.findall(r"^\| \d+ \|( \d+\.\d+x \|){6}$", out, re.M)) == 6, out  # the refit
 
 
+def test_norm_paths_prints_each_path_and_the_pick() -> None:
+    out = _run(
+        "norm_paths.py", "--shapes", "4x3x8", "8x2x16", "--groups", "2", "4", "--repeats", "2"
+    )
+    rows = re.findall(
+        r"^\| (\d) \| (\d+x\d+x\d+) \| \d+ \|( \d+\.\d+ \|){2} ([\w ]+) \| ([\w ]+) \|$", out, re.M
+    )
+    assert [(r[0], r[1]) for r in rows] == [
+        ("2", "4x3x8"), ("2", "8x2x16"), ("4", "4x3x8"), ("4", "8x2x16")
+    ], out  # fmt: skip
+    assert all(r[4] == "normalised input" for r in rows)  # small calls: no per-group kernels
+    assert "at worst:" in out
+
+
 def test_gpu_profile_script_says_so_without_cuda() -> None:
     import torch
 

@@ -149,12 +149,14 @@ def closed_form_pays(A: Tensor, m: int) -> bool:
 # PyTorch's own LayerNorm backward kernel, run on each group's slice with the mean and 1/std its
 # autograd node saved, gives the group's weight and bias gradients in one pass over the input and
 # Bk, with no normalised copy of the input; against ``per_sample_stock_norm``'s layer norm, product
-# and sums. Measured on a 2-core CPU (2 threads, float32, (B, T, H) from (16, 16, 256) to
-# (32, 128, 384), m = 8 and 16; ad hoc script): the stock path costs ~100 us + ~1.4 ns per element
-# of A, the per-group kernel ~200 us + ~25 us per group + ~0.4 ns per element. They meet near
-# 300k elements at m = 8 (0.42 against 0.49 ms at 262k, 0.58 against 0.55 ms at 393k) and 500k
-# at m = 16; at (32, 128, 384) and m = 8 the kernel takes 0.98 ms against 2.3. Off the CPU the
-# m kernels' launches cost more than they save.
+# and sums. Fitted on a 2-core CPU (2 threads, float32, m = 8 and 16) to the two paths timed with
+# the caches flushed between runs, as in a step: the normalised input costs ~100 us + ~1.4 ns per
+# element of A, the per-group kernel ~200 us + ~25 us per group + ~0.4 ns per element; they meet
+# near 300k elements at m = 8 and 500k at m = 16. In the step (one process, the paths
+# alternating): the encoder's (16, 64, 256) calls at m = 8 tie (0.60 against 0.58 ms); MiniLM's
+# (32, 128, 384) take 1.14 instead of 2.58 ms at m = 8 and 1.39 instead of 2.00 at m = 16.
+# ``benchmarks/norm_paths.py`` times the two alone with warm caches (log ``norm_paths.txt``).
+# Off the CPU the m kernels' launches cost more than they save.
 SAVED_FIXED_US, SAVED_GROUP_US, SAVED_NS_PER_ELEMENT = 100.0, 25.0, 1.0
 
 
