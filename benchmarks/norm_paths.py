@@ -12,10 +12,10 @@ by group) it times, as the fused engine runs them on a LayerNorm call:
   call's autograd node saved (``per_group_saved_norm``).
 
 Each row gives the median of ``--repeats`` runs per path, the faster one, and the path the cost
-model (``torchgrain.engines.rules._rerun.saved_backward_pays``) picks. The runs here find the
-input in the caches, where in a training step it has left them since the forward: near the
-crossover, the normalised input fares worse in a step than here (see the cost model's comment).
-On another machine, this says whether the model's constants still hold.
+model (``torchgrain.engines.rules._rerun.saved_backward_pays``) picks. Before each run a
+``--flush``-MiB buffer is written, as a step's other work does between the forward that made the
+input and the rule that reads it (``--flush 0``: warm caches, where the per-group kernel wins
+earlier). On another machine, this says whether the model's constants still hold.
 """
 
 from __future__ import annotations
@@ -38,11 +38,12 @@ from torchgrain.engines.rules._rerun import (
 PATHS = ("normalised input", "saved backward")
 
 
-def _time(fn: Callable[[], object], repeats: int) -> float:
+def _time(fn: Callable[[], object], repeats: int, flush: torch.Tensor) -> float:
     fn()
     fn()
     times = []
     for _ in range(repeats):
+        flush.add_(1.0)  # evicts the inputs from the caches
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -84,10 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--groups", nargs="+", type=int, default=[8, 16])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--flush", type=int, default=64, help="MiB written before each run")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"LayerNorm group-gradient paths, {args.threads} threads, median of {args.repeats} (ms)")
+    flush = torch.zeros(args.flush * 2**18)  # float32: 4 bytes each
+    print(
+        f"LayerNorm group-gradient paths, {args.threads} threads, median of {args.repeats} "
+        f"(ms), {args.flush} MiB written before each run"
+    )
     print()
     print("| m | B x T x H | elements | normalised input | saved backward | faster | picked |")
     print("|---|---|---|---|---|---|---|")
@@ -97,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             B, T, H = (int(x) for x in shape.split("x"))
             fns = _paths(B, T, H, m)  # the forward with autograd on; the rules run without
             with torch.no_grad():
-                ms = {p: _time(fns[p], args.repeats) * 1e3 for p in PATHS}
+                ms = {p: _time(fns[p], args.repeats, flush) * 1e3 for p in PATHS}
             faster = min(ms, key=ms.__getitem__)
             picked = PATHS[1] if saved_backward_pays(torch.empty(B, T, H), m) else PATHS[0]
             worst = max(worst, ms[picked] / ms[faster])

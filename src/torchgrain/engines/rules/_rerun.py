@@ -155,7 +155,7 @@ def closed_form_pays(A: Tensor, m: int) -> bool:
 # near 300k elements at m = 8 and 500k at m = 16. In the step (one process, the paths
 # alternating): the encoder's (16, 64, 256) calls at m = 8 tie (0.60 against 0.58 ms); MiniLM's
 # (32, 128, 384) take 1.14 instead of 2.58 ms at m = 8 and 1.39 instead of 2.00 at m = 16.
-# ``benchmarks/norm_paths.py`` times the two alone with warm caches (log ``norm_paths.txt``).
+# ``benchmarks/norm_paths.py`` times the two alone and refits (log ``norm_paths.txt``).
 # Off the CPU the m kernels' launches cost more than they save.
 SAVED_FIXED_US, SAVED_GROUP_US, SAVED_NS_PER_ELEMENT = 100.0, 25.0, 1.0
 
