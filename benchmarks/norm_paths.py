@@ -21,13 +21,12 @@ earlier). On another machine, this says whether the model's constants still hold
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from step_paths import _time  # this folder is on sys.path
 from torchgrain.engines._groups import GroupIndex
 from torchgrain.engines.rules._rerun import (
     per_group_saved_norm,
@@ -36,18 +35,6 @@ from torchgrain.engines.rules._rerun import (
 )
 
 PATHS = ("normalised input", "saved backward")
-
-
-def _time(fn: Callable[[], object], repeats: int, flush: torch.Tensor) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        flush.add_(1.0)  # evicts the inputs from the caches
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _paths(B: int, T: int, H: int, m: int) -> dict[str, Callable[[], object]]:

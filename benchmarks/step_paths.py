@@ -45,11 +45,15 @@ PER_VALUE = (4.0, 8.0, 12.0, 16.0, 22.0, 32.0)  # the candidates of the refit
 PER_PRODUCT = (0.0, 1.0, 2.0, 4.0, 6.0, 8.0)
 
 
-def _time(fn: Callable[[], object], repeats: int) -> float:
+def _time(fn: Callable[[], object], repeats: int, flush: torch.Tensor | None = None) -> float:
+    """Median seconds of ``repeats`` runs after two warm-up runs; ``flush``, if given, is written
+    before each run (evicting the inputs from the caches)."""
     fn()
     fn()
     times = []
     for _ in range(repeats):
+        if flush is not None:
+            flush.add_(1.0)
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)

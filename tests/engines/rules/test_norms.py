@@ -137,6 +137,18 @@ def test_the_cost_model_reruns_per_group_on_large_cpu_calls(
 STOCK = ["layer_norm", "layer_norm_no_bias", "layer_norm_2d", "rms_norm"]
 
 
+def _norm_with_frozen(name: str, frozen: str | None) -> nn.Module:
+    """``NORMS[name](6)`` (seeded), with the ``frozen`` parameter not trainable; skips the test
+    when no trainable parameter is left."""
+    torch.manual_seed(0)
+    norm = NORMS[name](6)
+    if frozen is not None and getattr(norm, frozen, None) is not None:
+        getattr(norm, frozen).requires_grad_(False)
+    if not any(p.requires_grad for p in norm.parameters()):
+        pytest.skip("no trainable parameter left")
+    return norm
+
+
 @pytest.mark.parametrize("name", STOCK)
 @pytest.mark.parametrize("frozen", [None, "weight", "bias"])
 def test_torch_norms_take_the_normalised_input_at_any_size(
@@ -145,12 +157,7 @@ def test_torch_norms_take_the_normalised_input_at_any_size(
     """PyTorch's own LayerNorm and RMSNorm: group gradients from ``n(A)`` and ``Bk`` alone, on
     calls too large for the closed form, with neither the re-run nor the closed form run; equal
     to the per-group re-run, for the trainable parameters only."""
-    torch.manual_seed(0)
-    norm = NORMS[name](6)
-    if frozen is not None and getattr(norm, frozen, None) is not None:
-        getattr(norm, frozen).requires_grad_(False)
-    if not any(p.requires_grad for p in norm.parameters()):
-        pytest.skip("no trainable parameter left")
+    norm = _norm_with_frozen(name, frozen)
     A = torch.randn(32, 3, 6) * 2 - 1
     Bk = torch.randn(32, 3, 6)
     groups = _groups([k % 5 for k in range(32)])
@@ -214,12 +221,7 @@ def test_the_saved_backward_gives_each_groups_gradients(
     """PyTorch's LayerNorm on the CPU, large calls: the LayerNorm backward kernel on each group's
     slice, with the mean and 1/std the call's autograd node saved, gives every group's gradients
     (uneven groups, frozen parameters, 2-d shapes) without the normalised copy of the input."""
-    torch.manual_seed(0)
-    norm = NORMS[name](6)
-    if frozen is not None and getattr(norm, frozen, None) is not None:
-        getattr(norm, frozen).requires_grad_(False)
-    if not any(p.requires_grad for p in norm.parameters()):
-        pytest.skip("no trainable parameter left")
+    norm = _norm_with_frozen(name, frozen)
     A = (torch.randn(11, 3, 6) * 2 - 1).requires_grad_()
     node = norm(A).grad_fn
     Bk = torch.randn(11, 3, 6)
