@@ -19,7 +19,10 @@ PyTorch's own ``nn.LayerNorm`` and ``nn.RMSNorm`` (Hugging Face's BERT and GPT-2
 skip both: ``J_weight`` is the normalised input, one ``F.layer_norm``/``F.rms_norm`` without
 parameters, and ``J_bias`` is 1, so group k's gradients are ``sum Bk * n(A)`` and ``sum Bk`` over
 its samples and tokens — a third of the re-run's time at BERT's sizes on the CPU
-(:func:`per_sample_stock_norm`).
+(:func:`per_sample_stock_norm`). On large CPU calls of ``nn.LayerNorm`` served from its output's
+autograd node, with the samples sorted by group, PyTorch's LayerNorm backward kernel runs on each
+group's slice instead, with the mean and 1/std the node saved: one pass over the input and ``Bk``
+(:func:`per_group_saved_norm`, chosen by :func:`saved_backward_pays`).
 """
 
 from __future__ import annotations
