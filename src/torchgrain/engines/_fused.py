@@ -310,7 +310,7 @@ class FusedEngine:
             if ghosted:
                 extra["skip"] = ghosted
             if getattr(rule, "reads_node", False):
-                extra["node"] = call.edge.node  # before it runs, when served from its hook
+                extra["node"] = call.edge.node  # not run yet when served from its hook
             grads = rule.group_grads(call.module, call.A, bk, groups, **extra)
             for i, pname in todo:
                 shape = self._params[i].shape

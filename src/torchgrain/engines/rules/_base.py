@@ -50,9 +50,10 @@ class Rule(Protocol):
         self, module: nn.Module, A: Tensor, Bk: Tensor, groups: GroupIndex
     ) -> dict[str, GroupGrad]:
         """Per covered parameter, the ``(m, *shape)`` group gradients of this call. A rule with
-        ``reads_node = True`` is also passed ``node=``: the autograd node of the call's output,
-        before it runs (its saved tensors readable), where the engine serves the rule from that
-        node's hook; ``None`` elsewhere."""
+        ``reads_node = True`` is also passed ``node=``, the autograd node of the call's output.
+        Where the engine serves the rule from that node's hook, the node has not run yet and its
+        saved tensors are readable; elsewhere it may have run and freed them (reading them then
+        raises ``RuntimeError``), so the rule must have another path."""
         ...
 
     def combine(self, module: nn.Module, A: Tensor, Bk: Tensor) -> dict[str, Tensor]:
