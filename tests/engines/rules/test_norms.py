@@ -243,7 +243,8 @@ def test_the_saved_backward_gives_each_groups_gradients(
 
 def test_the_saved_backward_declines_what_it_cannot_serve() -> None:
     """``None`` (the normalised-input path serves instead) for samples not sorted by group, for
-    another norm's node, for a subclass that changes ``forward`` and for a node that has run."""
+    another norm's node, for a subclass that changes ``forward``, for a bfloat16 call and for a
+    node that has run."""
 
     class Shifted(nn.LayerNorm):
         def forward(self, x: Tensor) -> Tensor:
@@ -260,6 +261,8 @@ def test_the_saved_backward_declines_what_it_cannot_serve() -> None:
     assert per_group_saved_norm(rms, rms(A).grad_fn, Bk, sorted_) is None
     shifted = Shifted(6)
     assert per_group_saved_norm(shifted, shifted(A).grad_fn, Bk, sorted_) is None
+    half = _layer_norm(6).to(torch.bfloat16)
+    assert per_group_saved_norm(half, half(A.bfloat16()).grad_fn, Bk.bfloat16(), sorted_) is None
     out.backward(Bk)  # the node runs and frees what it saved
     assert per_group_saved_norm(norm, out.grad_fn, Bk, sorted_) is None
 

@@ -178,7 +178,8 @@ def per_group_saved_norm(
     gradients from the LayerNorm backward kernel on each group's samples, with the input, mean and
     1/std that the call's autograd ``node`` saved (read before the node runs and frees them).
     ``None`` when that does not apply: another module or node, a node that already ran, samples
-    not sorted by group (each group a slice), or an output gradient unlike the saved input."""
+    not sorted by group (each group a slice), an output gradient unlike the saved input, or a
+    half-precision input (whose gradients the other path sums in float32)."""
     if (
         not isinstance(module, nn.LayerNorm)
         or type(module).forward is not nn.LayerNorm.forward
@@ -191,8 +192,8 @@ def per_group_saved_norm(
         weight, bias = node._saved_weight, node._saved_bias
     except RuntimeError:  # the node has run: its saved tensors are freed
         return None
-    if A.shape != Bk.shape or A.dtype != Bk.dtype:
-        return None
+    if A.shape != Bk.shape or A.dtype != Bk.dtype or A.dtype not in (torch.float32, torch.float64):
+        return None  # half precision: the kernel's gradients would be rounded to it (_wide)
     names = own_trainable(module)
     mask = [False, "weight" in names, "bias" in names]
     shape = tuple(module.normalized_shape)
