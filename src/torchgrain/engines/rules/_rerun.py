@@ -173,7 +173,7 @@ def saved_backward_pays(A: Tensor, m: int) -> bool:
 
 def per_group_saved_norm(
     module: nn.Module, node: Any, Bk: Tensor, groups: GroupIndex
-) -> dict[str, Tensor] | None:
+) -> dict[str, GroupGrad] | None:
     """Per trainable parameter of PyTorch's own ``nn.LayerNorm``, its ``(m, *shape)`` group
     gradients from the LayerNorm backward kernel on each group's samples, with the input, mean and
     1/std that the call's autograd ``node`` saved (read before the node runs and frees them).
@@ -198,10 +198,9 @@ def per_group_saved_norm(
     mask = [False, "weight" in names, "bias" in names]
     shape = tuple(module.normalized_shape)
     parts: dict[str, list[Tensor]] = {n: [] for n in names}
-    for a, b, mu, r in zip(
-        A.split(groups.counts), Bk.split(groups.counts), mean.split(groups.counts),
-        rstd.split(groups.counts), strict=True,
-    ):  # fmt: skip
+    for a, b, mu, r in zip(  # slices: the samples are sorted by group
+        groups.split(A), groups.split(Bk), groups.split(mean), groups.split(rstd), strict=True
+    ):
         _, grad_weight, grad_bias = torch.ops.aten.native_layer_norm_backward(
             b, a, shape, mu, r, weight, bias, mask
         )
@@ -228,7 +227,7 @@ class RerunRule:
         if node is not None and saved_backward_pays(A, groups.m):
             saved = per_group_saved_norm(module, node, Bk, groups)
             if saved is not None:
-                return dict(saved)
+                return saved
         per_sample = per_sample_stock_norm(module, A, Bk)
         if per_sample is None and closed_form_pays(A, groups.m):
             per_sample = per_sample_closed_form(module, A, Bk)
