@@ -10,12 +10,15 @@ gradients, so that no group's loss increases to first order::
 
 ``GRAIN(model, num_groups=8, aggregator="dual_proj")`` keeps the same one-backward engine and
 combines the group gradients by another rule: ``"mean"``, ``"dual_proj"``, ``"upgrad"``,
-``"cagrad"`` or any callable ``(gram, pref) -> weights``.
+``"cagrad"`` or any callable ``(gram, pref) -> weights``. ``LocalSGD(model, sync_every=H)``
+combines the pseudo-gradients of workers that each took H local steps by the same aggregators
+(DiLoCo-style outer steps).
 """
 
 from torchgrain import losses
 from torchgrain._errors import NonFiniteError
 from torchgrain._grain import GRAIN
+from torchgrain._local_sgd import LocalSGD, SyncStats
 from torchgrain._stats import GrainStats
 from torchgrain.grouping import contiguous_groups, key_groups, random_groups
 from torchgrain.solvers import (
@@ -30,7 +33,9 @@ __version__ = "0.1.0"
 __all__ = [
     "GRAIN",
     "GrainStats",
+    "LocalSGD",
     "NonFiniteError",
+    "SyncStats",
     "__version__",
     "cagrad_weights",
     "contiguous_groups",

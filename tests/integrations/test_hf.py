@@ -247,6 +247,33 @@ def test_grain_state_is_checkpointed_and_resumed(tmp_path: Path) -> None:
     assert _tiny.max_diff(full, resumed) <= 1e-6
 
 
+class _Payload:
+    """A pickle that runs code when loaded with weights_only=False: it creates a file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (Path.touch, (str(self.path),))  # type: ignore[return-value]
+
+
+def test_an_untrusted_grain_state_cannot_run_code_when_resumed(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    marker = tmp_path / "code-ran"
+    torch.save({"step": 2, "payload": _Payload(marker)}, checkpoint / "grain_state.pt")
+    trainer = GrainTrainer(
+        _tiny.bert_classifier(),
+        _tiny.args(tmp_path / "out", max_steps=1),
+        train_dataset=_tiny.classification_data(),
+        num_groups=2,
+    )
+    with pytest.raises(Exception, match="weights_only"):
+        trainer._load_rng_state(str(checkpoint))
+    assert not marker.exists()
+    assert trainer.grain.step == 0
+
+
 def test_model_init_gets_a_grain_of_its_own(tmp_path: Path) -> None:
     trainer = GrainTrainer(
         model_init=lambda: _tiny.bert_classifier(),

@@ -48,6 +48,9 @@ class Exchange:
     """
 
     sharded = False  # whether each rank ends with its shard of d only (no all-gather)
+    # Who runs the collectives, and what every rank must do for them to match (error messages).
+    owner = "GRAIN"
+    contract = "every rank must call grain.backward for every step"
 
     def __init__(self, process_group: Any, row_sparse: Iterable[int] = ()) -> None:
         if not dist.is_available() or not dist.is_initialized():
@@ -79,9 +82,9 @@ class Exchange:
 
     def _failed(self, what: str, error: Exception) -> RuntimeError:
         return RuntimeError(
-            f"GRAIN: the {what} across ranks failed on rank {self.rank} of {self.world} "
-            f"({error}). Another rank probably raised, stopped or is late; every rank must "
-            "call grain.backward for every step (set a timeout in init_process_group)"
+            f"{self.owner}: the {what} across ranks failed on rank {self.rank} of {self.world} "
+            f"({error}). Another rank probably raised, stopped or is late; {self.contract} "
+            "(set a timeout in init_process_group)"
         )
 
     # ---------------------------------------------------------------------------------- agree

@@ -342,7 +342,8 @@ class GrainTrainer(Trainer):
     def _load_rng_state(self, checkpoint: str | None) -> None:
         super()._load_rng_state(checkpoint)
         if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, _STATE_FILE)):
-            state = torch.load(os.path.join(checkpoint, _STATE_FILE), weights_only=False)
+            # Tensors and builtins only: an untrusted checkpoint cannot run code when it loads.
+            state = torch.load(os.path.join(checkpoint, _STATE_FILE), weights_only=True)
             self.grain.load_state_dict(state)
 
 
