@@ -168,6 +168,7 @@ def test_a_rank_that_dies_makes_the_others_raise_within_the_timeout(tmp_path: Pa
     [
         ("ddp_train.py", "every rank holds the same .grad"),
         ("fsdp_train.py", "rank 1 holds rows (16, 10) of (32, 10)"),
+        ("local_sgd_train.py", "every rank holds the same parameters"),
     ],
 )
 def test_torchrun_examples_from_the_readme(example: str, says: str) -> None:

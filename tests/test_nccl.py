@@ -59,3 +59,43 @@ def test_exchange_on_the_backend_equals_single_process_grain(
         assert r["num_groups"] == 2 * world
         for got, ref in zip(r["grads"], reference, strict=True):  # type: ignore[call-overload]
             assert float((got - ref).norm() / ref.norm()) <= 1e-10
+
+
+def _moved(model: torch.nn.Module, rank: int) -> list[torch.Tensor]:
+    """Rank r's fixed step away from the anchor, as if it had trained alone."""
+    g = torch.Generator().manual_seed(10 + rank)
+    return [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in model.parameters()]
+
+
+def _local_sgd_worker(rank: int, world: int, backend: str) -> dict[str, object]:
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    model = _model().to(device)
+    outer = torch.optim.SGD(model.parameters(), lr=0.7, momentum=0.9, nesterov=True)
+    local = torchgrain.LocalSGD(model, 1, "min_norm", outer)
+    with torch.no_grad():
+        for p, step in zip(model.parameters(), _moved(model, rank), strict=True):
+            p.add_(step.to(device))
+    stats = local.step()
+    assert stats is not None and all(a.device == device for a in local.anchor)
+    return {"params": [p.detach().cpu() for p in model.parameters()]}
+
+
+@pytest.mark.parametrize(("backend", "world"), BACKENDS)
+def test_local_sgd_on_the_backend_equals_the_gathered_outer_step(
+    backend: str, world: int, tmp_path: Path
+) -> None:
+    results = _dist.run(_local_sgd_worker, world, tmp_path, backend, timeout=60.0, backend=backend)
+    assert all("error" not in r for r in results), [r.get("trace") for r in results]
+    model = _model()
+    steps = [_moved(model, r) for r in range(world)]
+    every = torch.stack([-torch.cat([s.flatten() for s in rank]) for rank in steps])  # (W, P)
+    d = torchgrain.min_norm_weights(every @ every.T) @ every
+    outer = torch.optim.SGD(model.parameters(), lr=0.7, momentum=0.9, nesterov=True)
+    start = 0
+    for p in model.parameters():
+        p.grad = d[start : start + p.numel()].view_as(p)
+        start += p.numel()
+    outer.step()
+    for r in results:
+        for got, ref in zip(r["params"], model.parameters(), strict=True):  # type: ignore[call-overload]
+            assert float((got - ref.detach()).norm() / ref.detach().norm()) <= 1e-10

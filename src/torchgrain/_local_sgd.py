@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torchgrain._errors import NonFiniteError, shorten
 from torchgrain._inputs import ParamsLike, collect_params
 from torchgrain._stats import GrainStats, compute_stats
-from torchgrain.exchange._workers import CHANGED, FINGERPRINT, FINITE, SYNCS, WorkerExchange
+from torchgrain.exchange._workers import CHANGED, FINGERPRINT, SYNCS, WorkerExchange
 from torchgrain.solvers import AggregatorLike, aggregate, aggregator_name, check_aggregator
 
 
@@ -144,7 +144,7 @@ class LocalSGD:
         self.syncs = 0  # syncs done
         with torch.no_grad():
             if self._exchange is not None:
-                self._check_agreement(self._exchange.agree(True, False, self._fingerprint(), 0))
+                self._check_agreement(self._exchange.agree(False, self._fingerprint(), 0))
                 self._exchange.broadcast(self.params)
             self.anchor = [p.detach().clone() for p in self.params]
 
@@ -176,33 +176,30 @@ class LocalSGD:
         """
         started = time.perf_counter()
         changed = self._current_signature() != self._signature
-        if changed and self._exchange is None:
-            self._raise_changed()
-        deltas = [] if changed else [a - p for a, p in zip(self.anchor, self.params, strict=True)]
-        # Host read: whether to go on must be known before anything moves.
-        finite = not changed and bool(torch.stack([d.isfinite().all() for d in deltas]).all())
         if self._exchange is None:
-            if not finite:
-                self._raise_nonfinite([0])
+            if changed:
+                self._raise_changed()
             gram = torch.zeros(1, 1, dtype=torch.float64, device=self.params[0].device)
-            for d in deltas:
-                gram += d.double().pow(2).sum()
+            for a, p in zip(self.anchor, self.params, strict=True):
+                gram += (a - p).double().pow(2).sum()
         else:
-            rows = self._exchange.agree(finite, changed, self._fingerprint(), self.syncs)
+            rows = self._exchange.agree(changed, self._fingerprint(), self.syncs)
             if changed:
                 self._raise_changed()
             self._check_agreement(rows)
-            gram = self._exchange.gram(deltas)  # (W, W)
+            gram = self._exchange.gram(self.anchor, self.params)  # (W, W)
+        # Host read: the same bits on every rank, so every rank goes on, or raises, alike.
         gram_host = gram.cpu()
-        if not bool(torch.isfinite(gram_host).all()):  # the same bits on every rank
-            self._raise_nonfinite([])
+        if not bool(torch.isfinite(gram_host).all()):
+            self._raise_nonfinite(gram_host)
         W = self.world
         pref = torch.full((W,), 1.0 / W, dtype=torch.float64)
         solved = time.perf_counter()
         solution = aggregate(self.aggregator, gram_host, pref)
         solve_seconds = time.perf_counter() - solved
         if self._exchange is None:
-            combined = [solution.weights.to(d.device, d.dtype)[0] * d for d in deltas]
+            w = float(solution.weights[0])
+            combined = [w * (a - p) for a, p in zip(self.anchor, self.params, strict=True)]
         else:
             combined = self._exchange.combine(solution.weights)
         self._outer_step(combined)
@@ -316,7 +313,7 @@ class LocalSGD:
         return zlib.crc32(text.encode())
 
     def _check_agreement(self, rows: Tensor) -> None:
-        """Raise on every rank alike when the ranks' rows ``(W, 4)`` disagree."""
+        """Raise on every rank alike when the ranks' rows ``(W, 3)`` disagree."""
         changed = rows[:, CHANGED].nonzero().flatten().tolist()
         if changed:
             self._raise_changed(changed)
@@ -331,9 +328,6 @@ class LocalSGD:
                 f"LocalSGD: the ranks are at different syncs ({rows[:, SYNCS].tolist()} by rank); "
                 "every rank must call step() as often as the others, and sync() at the same point"
             )
-        bad = (rows[:, FINITE] == 0).nonzero().flatten().tolist()
-        if bad:
-            self._raise_nonfinite(bad)
 
     def _raise_changed(self, ranks: list[int] | None = None) -> None:
         before = {s[0]: s for s in self._signature}
@@ -346,8 +340,10 @@ class LocalSGD:
             "by this sync; build a new LocalSGD (and outer optimizer) after changing the model"
         )
 
-    def _raise_nonfinite(self, ranks: list[int]) -> None:
-        where = f"rank(s) {ranks}" if ranks else "the Gram of the deltas (overflow)"
+    def _raise_nonfinite(self, gram: Tensor) -> None:
+        """Name the ranks whose delta is not finite: their diagonal entry of the Gram is not."""
+        ranks = (~torch.isfinite(gram.diagonal())).nonzero().flatten().tolist()
+        where = f"rank(s) {ranks}" if ranks else "some rank (the Gram of the deltas overflows)"
         raise NonFiniteError(
             f"LocalSGD: the pseudo-gradient (anchor - parameters) is not finite on {where}; "
             "nothing was changed on any rank (the anchor and every rank's parameters are as they "

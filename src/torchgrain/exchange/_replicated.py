@@ -15,7 +15,9 @@ sharded over the ranks. Per step, four kinds of collective:
 3. **Gram** — one ``all_gather`` of the partial Grams, summed on every rank in rank order, so that
    every rank solves on the same bits;
 4. **combine** — per bucket, each rank combines its shard with the weights and an asynchronous
-   ``all_gather`` assembles ``d`` everywhere.
+   ``all_gather`` assembles ``d`` everywhere. On Gloo it is an ``all_to_all`` of the combined
+   shard repeated W times instead: the same bytes sent, and on this 2-core CPU Gloo's all-to-all
+   moves 11M float32 values in 28 ms (2 ranks) and 44 ms (4), its all-gather in 70 and 120 ms.
 
 Bytes each rank sends in 2 and 4, for P exchanged values and W ranks: ``m_local * P (W-1)/W`` and
 ``P (W-1)/W`` — with one group per rank, the ``2 P (W-1)/W`` of DDP's ring all-reduce; with
@@ -31,6 +33,8 @@ from torch import Tensor
 from torchgrain.engines.rules._base import GroupGrad
 from torchgrain.exchange._base import Exchange
 from torchgrain.exchange._layout import Bucket, blank, plan, put, unpack
+
+_COMBINE = "all-gather of the combined shards"
 
 
 class RankExchange(Exchange):
@@ -54,22 +58,32 @@ class RankExchange(Exchange):
 
     def combine(self, weights: Tensor) -> list[Tensor | None]:
         """``(W * slots,)`` global weights -> ``d`` per parameter, equal on all ranks: per bucket,
-        my shard of it, then an asynchronous ``all_gather``."""
+        my shard of it, then an asynchronous ``all_gather`` (on Gloo, an ``all_to_all``)."""
+        out = self.combine_shards(weights, self._buckets, self._shards, self._params)
+        self._shards = []
+        return out
+
+    def combine_shards(
+        self, weights: Tensor, buckets: list[Bucket], shards: list[Tensor], params: list[Tensor]
+    ) -> list[Tensor | None]:
+        """:meth:`combine` of the received ``(W * slots, S_b)`` ``shards`` of ``buckets`` laid
+        out over ``params``."""
+        gloo = dist.get_backend(self.group) == "gloo"
         in_flight = []
-        for bucket, shard in zip(self._buckets, self._shards, strict=True):
+        for bucket, shard in zip(buckets, shards, strict=True):
             part = weights.to(shard.dtype) @ shard  # (S_b,) my shard of d
             full = part.new_empty(self.world, bucket.shard)
-            work = self._collective(
-                "all-gather of the combined shards",
-                dist.all_gather,
-                list(full),
-                part,
-                async_op=True,
-            )
+            if gloo:
+                copies = part.expand(self.world, -1).contiguous()  # (W, S_b)
+                work = self._collective(
+                    _COMBINE, dist.all_to_all_single, full, copies, async_op=True
+                )
+                part = copies  # held until the collective is done
+            else:
+                work = self._collective(_COMBINE, dist.all_gather, list(full), part, async_op=True)
             in_flight.append((bucket, work, full, part))
-        out: list[Tensor | None] = [None] * len(self._params)
+        out: list[Tensor | None] = [None] * len(params)
         for bucket, work, full, _part in in_flight:
-            self._wait("all-gather of the combined shards", work)
-            unpack(bucket, full.reshape(-1)[: bucket.numel], self._params, out)
-        self._shards = []
+            self._wait(_COMBINE, work)
+            unpack(bucket, full.reshape(-1)[: bucket.numel], params, out)
         return out
