@@ -33,21 +33,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import os
-import socket
-import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from step_profile import _step_module  # the models of step.py (this folder is on sys.path)
+from _gloo import ratio_cells, rounds, spawn  # this folder is on sys.path
+from step_profile import _step_module  # the models of step.py
 
 
 def _mlp(width: int) -> torch.nn.Module:
@@ -93,15 +89,7 @@ def _shard(model: torch.nn.Module, kind: str, world: int) -> torch.nn.Module:
     return model
 
 
-def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=300),
-    )
+def _worker(rank: int, world: int, args: argparse.Namespace, out: str) -> None:
     import torchgrain
 
     base, losses_of = _problem(args, rank)
@@ -145,24 +133,11 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
         step()
         return time.perf_counter() - start
 
-    names = list(steps)
-    for name in names:  # warm-up: allocations, DDP's bucket rebuild
-        timed(name)
-        timed(name)
-    seconds: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(args.rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            seconds[name].append(timed(name))
+    names = list(steps)  # the warm-ups in rounds() take DDP's bucket rebuild too
+    seconds = rounds(timed, names, args.rounds)
     if rank == 0:
         result = {"numel": numel, "seconds": seconds, "sent": {n: sent[n]() for n in names}}
         Path(out).write_text(json.dumps(result))
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,25 +170,13 @@ def main(argv: list[str] | None = None) -> int:
           f"rank | vs {plain} |\n|---|---|---|---|---|---|---|")  # fmt: skip
     numel = 0
     for world in args.world:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = str(Path(tmp) / "result.json")
-            mp.start_processes(
-                _worker,
-                args=(world, _free_port(), args, out),
-                nprocs=world,
-                join=True,
-                start_method="spawn",
-            )
-            result = json.loads(Path(out).read_text())
+        result = spawn(_worker, world, args)
         numel, seconds, sent = result["numel"], result["seconds"], result["sent"]
         for name, times in seconds.items():
-            ratios = sorted(t / d for t, d in zip(times, seconds["ddp"], strict=True))
-            q1, _, q3 = statistics.quantiles(ratios, n=4)
             plain = "FSDP2 reduce-scatter" if args.fsdp else "DDP all-reduce"
             label = plain if name == "ddp" else f"GRAIN, {name[5:]} group(s)/rank"
             print(
-                f"| {world} | {label} | {statistics.median(times) * 1e3:.1f} ms "
-                f"| {statistics.median(ratios):.2f}x | [{q1:.2f}, {q3:.2f}] "
+                f"| {world} | {label} {ratio_cells(times, seconds['ddp'])}"
                 f"| {sent[name] / 2**20:.1f} MiB | {sent[name] / sent['ddp']:.2f}x |",
                 flush=True,
             )

@@ -28,18 +28,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
-import os
-import socket
-import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from _gloo import ratio_cells, rounds, spawn  # this folder is on sys.path
 
 BUCKET_BYTES = 16 << 20
 
@@ -52,7 +48,7 @@ def _model(args: argparse.Namespace) -> torch.nn.Module:
             torch.nn.Linear(64, w), torch.nn.ReLU(), torch.nn.Linear(w, w), torch.nn.ReLU(),
             torch.nn.Linear(w, w), torch.nn.ReLU(), torch.nn.Linear(w, 10),
         )  # fmt: skip
-    from step_profile import _step_module  # the models of step.py (this folder is on sys.path)
+    from step_profile import _step_module  # the models of step.py
 
     args.narrow = args.autocast = False
     args.batch, args.tokens = 1, 8
@@ -96,17 +92,10 @@ class AllReduceSync:
             a.copy_(p)
 
 
-def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=300),
-    )
-    import torchgrain
+def _worker(rank: int, world: int, args: argparse.Namespace, out: str) -> None:
     from torch.distributed.algorithms.model_averaging.utils import average_parameters
+
+    import torchgrain
 
     base = _model(args)
     numel = sum(p.numel() for p in base.parameters())
@@ -143,25 +132,10 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
         sync()
         return time.perf_counter() - start
 
-    names = list(syncs)
-    for name in names:  # warm-up: allocations
-        timed(name)
-        timed(name)
-    seconds: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(args.rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            seconds[name].append(timed(name))
+    seconds = rounds(timed, list(syncs), args.rounds)
     if rank == 0:
-        result = {"numel": numel, "seconds": seconds, "sent": {n: sent[n]() for n in names}}
+        result = {"numel": numel, "seconds": seconds, "sent": {n: sent[n]() for n in syncs}}
         Path(out).write_text(json.dumps(result))
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,29 +150,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds (one sync each)")
     args = parser.parse_args(argv)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    print("| W | sync | time (rank 0) | vs allreduce (median) | middle half | bytes sent per rank |")
+    print(
+        "| W | sync | time (rank 0) | vs allreduce (median) | middle half | bytes sent per rank |"
+    )
     print("|---|---|---|---|---|---|")
     numel = 0
     for world in args.world:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = str(Path(tmp) / "result.json")
-            mp.start_processes(
-                _worker,
-                args=(world, _free_port(), args, out),
-                nprocs=world,
-                join=True,
-                start_method="spawn",
-            )
-            result = json.loads(Path(out).read_text())
+        result = spawn(_worker, world, args)
         numel, seconds = result["numel"], result["seconds"]
         for name, times in seconds.items():
-            ratios = sorted(t / b for t, b in zip(times, seconds["allreduce"], strict=True))
-            q = len(ratios) // 4
             print(
-                f"| {world} | {name} | {statistics.median(times) * 1e3:.1f} ms "
-                f"| {statistics.median(ratios):.2f}x | [{ratios[q]:.2f}, {ratios[-q - 1]:.2f}] "
-                f"| {result['sent'][name] / 2**20:.1f} MiB |"
+                f"| {world} | {name} {ratio_cells(times, seconds['allreduce'])}"
+                f"| {result['sent'][name] / 2**20:.1f} MiB |",
+                flush=True,
             )
     print(
         f"\n{args.model}: P = {numel:,} float32 parameters; {args.rounds} rounds, one thread per "

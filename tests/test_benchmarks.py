@@ -154,3 +154,34 @@ def test_the_deferred_mode_gives_plain_trainings_gradients(monkeypatch: pytest.M
             continue
         assert q.grad is not None
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def _run_gloo(script: str, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_local_sgd_sync_prints_a_ratio_and_bytes_per_sync() -> None:
+    out = _run_gloo(
+        "local_sgd_sync.py", "--model", "mlp", "--width", "32", "--world", "2", "--rounds", "4",
+        "--aggregators", "mean", "upgrad",
+    )  # fmt: skip
+    for name in ("allreduce", "average", "localsgd-mean", "localsgd-upgrad"):
+        ratio = r"\d+\.\d\dx \| \[\d+\.\d\d, \d+\.\d\d\]"
+        assert re.search(rf"\| 2 \| {name} \| [\d.]+ ms \| {ratio} \| [\d.]+ MiB \|", out), out
+    assert "mlp: P = 4,522 float32 parameters; 4 rounds" in out
+
+
+def test_distributed_prints_grain_against_ddp() -> None:
+    out = _run_gloo(
+        "distributed.py", "--model", "mlp", "--width", "16", "--world", "2", "--groups", "2",
+        "--rounds", "4",
+    )  # fmt: skip
+    assert re.search(r"\| 2 \| DDP all-reduce \| [\d.]+ ms \| 1\.00x", out), out
+    assert re.search(r"\| 2 \| GRAIN, 2 group\(s\)/rank \| [\d.]+ ms \| \d+\.\d\dx", out), out
