@@ -201,3 +201,9 @@ def test_load_state_dict_checks_what_it_reads() -> None:
     state["anchor"] = state["anchor"][:1]
     with pytest.raises(ValueError, match="load a checkpoint of the same model"):
         local.load_state_dict(state)
+
+
+def test_parameters_on_two_devices_are_refused() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2).to("meta"))
+    with pytest.raises(ValueError, match=r"must be on one device, got \['cpu', 'meta'\]"):
+        torchgrain.LocalSGD(model, 2)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 import torchgrain
 from tests import _dist
 from tests._models import mlp, per_sample_ce
+from tests.exchange.test_sharded import _shard
 
 
 def _model(seed: int) -> nn.Module:
@@ -223,6 +224,8 @@ def _faults_worker(rank: int, world: int) -> dict[str, object]:
     if rank == 0:  # rank 0's model changes between syncs
         model[0].bias.requires_grad_(False)  # type: ignore[index]
     out["changed"] = _expect(RuntimeError, local.sync)
+    sharded = _shard(mlp().double(), world)  # FSDP2's fully_shard: parameters are DTensor shards
+    out["sharded"] = _expect(ValueError, lambda: torchgrain.LocalSGD(sharded, 2))
     return out
 
 
@@ -234,6 +237,7 @@ def test_faults_raise_on_every_rank_before_anything_changes(tmp_path: Path) -> N
         assert "not finite on rank(s) [1]" in r["nonfinite"] and r["intact"]
         assert "parameters changed since LocalSGD was built" in r["changed"]
     assert "on rank(s) [0]" in results[1]["changed"]
+    assert all("are sharded (FSDP2's fully_shard)" in r["sharded"] for r in results)
 
 
 def _dying_worker(rank: int, world: int, out: str) -> dict[str, object]:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torchgrain._errors import NonFiniteError, shorten
 from torchgrain._inputs import ParamsLike, collect_params
 from torchgrain._stats import GrainStats, compute_stats
+from torchgrain.exchange._sharded import is_sharded
 from torchgrain.exchange._workers import CHANGED, FINGERPRINT, SYNCS, WorkerExchange
 from torchgrain.solvers import AggregatorLike, aggregate, aggregator_name, check_aggregator
 
@@ -129,6 +130,7 @@ class LocalSGD:
         self._aggregator_name = aggregator_name(aggregator)
         self._module = model if isinstance(model, nn.Module) else None
         self.names, self.params = collect_params(model)
+        self._check_params()
         self._signature = self._current_signature()
         if outer_optimizer is None:
             outer_optimizer = torch.optim.SGD(self.params, lr=1.0)
@@ -275,6 +277,21 @@ class LocalSGD:
         self.syncs = int(state["syncs"])
 
     # --------------------------------------------------------------------------------- checks
+    def _check_params(self) -> None:
+        sharded = [n for n, p in zip(self.names, self.params, strict=True) if is_sharded(p)]
+        if sharded:
+            raise ValueError(
+                f"LocalSGD takes whole parameters on every rank; {shorten(sharded)} are sharded "
+                "(FSDP2's fully_shard). Give each worker its whole model, or run FSDP inside each "
+                "worker's own process group and LocalSGD across one rank of each"
+            )
+        devices = sorted({str(p.device) for p in self.params})
+        if len(devices) > 1:
+            raise ValueError(
+                f"LocalSGD's parameters must be on one device, got {devices}; move the model "
+                "(model.to(device)) before building LocalSGD"
+            )
+
     def _check_outer(self, optimizer: object) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
