@@ -64,17 +64,27 @@ class RankExchange(Exchange):
         return out
 
     def combine_shards(
-        self, weights: Tensor, buckets: list[Bucket], shards: list[Tensor], params: list[Tensor]
+        self,
+        weights: Tensor,
+        buckets: list[Bucket],
+        shards: list[Tensor],
+        params: list[Tensor],
+        scratch: list[Tensor] | None = None,
     ) -> list[Tensor | None]:
         """:meth:`combine` of the received ``(W * slots, S_b)`` ``shards`` of ``buckets`` laid
-        out over ``params``."""
+        out over ``params``. ``scratch``: per bucket, a free buffer of ``W * S_b`` values (the
+        send buffer the shards came from), when the shards are ``(W, S_b)``: the combination is
+        then assembled in the shards' own buffer, and no new buffer is allocated."""
         gloo = dist.get_backend(self.group) == "gloo"
         in_flight = []
-        for bucket, shard in zip(buckets, shards, strict=True):
+        for b, (bucket, shard) in enumerate(zip(buckets, shards, strict=True)):
             part = weights.to(shard.dtype) @ shard  # (S_b,) my shard of d
-            full = part.new_empty(self.world, bucket.shard)
+            full = shard if scratch is not None else part.new_empty(self.world, bucket.shard)
             if gloo:
-                copies = part.expand(self.world, -1).contiguous()  # (W, S_b)
+                if scratch is None:
+                    copies = part.expand(self.world, -1).contiguous()  # (W, S_b)
+                else:
+                    copies = scratch[b].view(self.world, -1).copy_(part.expand(self.world, -1))
                 work = self._collective(
                     _COMBINE, dist.all_to_all_single, full, copies, async_op=True
                 )

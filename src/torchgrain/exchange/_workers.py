@@ -54,6 +54,7 @@ class WorkerExchange:
         self._params: list[Tensor] = []
         self._buckets: list[Bucket] = []
         self._shards: list[Tensor] = []  # per bucket, (W, S_b): my shard of every rank's delta
+        self._sends: list[Tensor] = []  # per bucket, the (W * S_b,) buffer the shards left
         self.world = self._ranks.world
         self.rank = self._ranks.rank
 
@@ -96,21 +97,24 @@ class WorkerExchange:
             work = x._collective(_SHARDS, dist.all_to_all_single, recv, send, async_op=True)
             in_flight.append((work, send, recv))
         partial = torch.zeros(W, W, dtype=torch.float64, device=self.device)
-        self._shards = []
-        for work, _send, recv in in_flight:
+        self._shards, self._sends = [], []
+        for work, send, recv in in_flight:
             self._ranks._wait(_SHARDS, work)
             shard = recv.view(W, -1)  # (W, S_b): every rank's delta, my shard of it
             add_gram(partial, shard)
             self._shards.append(shard)
+            self._sends.append(send)  # free now: the combine's scratch
         shard_columns = sum(bucket.shard for bucket in self._buckets)
-        self._ranks.bytes_sent = 2 * shard_columns * (W - 1) * size  # the shards, then the combination
+        self._ranks.bytes_sent = (
+            2 * shard_columns * (W - 1) * size
+        )  # the shards, then the combination
         return self._ranks._sum_grams(partial)
 
     def combine(self, weights: Tensor) -> list[Tensor]:
         """``(W,)`` float64 weights -> ``d`` per parameter, the same bits on every rank."""
-        shards, self._shards = self._shards, []
+        shards, sends, self._shards, self._sends = self._shards, self._sends, [], []
         out = self._ranks.combine_shards(
-            weights.to(self.device), self._buckets, shards, self._params
+            weights.to(self.device), self._buckets, shards, self._params, scratch=sends
         )
         assert all(d is not None for d in out)
         return out  # type: ignore[return-value]
