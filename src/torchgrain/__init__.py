@@ -10,16 +10,26 @@ gradients, so that no group's loss increases to first order::
 
 ``GRAIN(model, num_groups=8, aggregator="dual_proj")`` keeps the same one-backward engine and
 combines the group gradients by another rule: ``"mean"``, ``"dual_proj"``, ``"upgrad"``,
-``"cagrad"`` or any callable ``(gram, pref) -> weights``. ``LocalSGD(model, sync_every=H)``
-combines the pseudo-gradients of workers that each took H local steps by the same aggregators
-(DiLoCo-style outer steps).
+``"cagrad"`` (the names of the objects in :mod:`torchgrain.aggregators`, e.g. ``CAGrad(c=0.3)``),
+your own :class:`Aggregator` or any callable ``(gram, pref) -> weights``.
+``LocalSGD(model, sync_every=H)`` combines the pseudo-gradients of workers that each took H local
+steps by the same aggregators (DiLoCo-style outer steps).
 """
 
-from torchgrain import losses
+from torchgrain import aggregators, losses
 from torchgrain._errors import NonFiniteError
 from torchgrain._grain import GRAIN
 from torchgrain._local_sgd import LocalSGD, SyncStats
 from torchgrain._stats import GrainStats
+from torchgrain.aggregators import (
+    Aggregator,
+    CAGrad,
+    DualProj,
+    Mean,
+    MinNorm,
+    UPGrad,
+    register_aggregator,
+)
 from torchgrain.grouping import contiguous_groups, key_groups, random_groups
 from torchgrain.solvers import (
     cagrad_weights,
@@ -32,11 +42,18 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GRAIN",
+    "Aggregator",
+    "CAGrad",
+    "DualProj",
     "GrainStats",
     "LocalSGD",
+    "Mean",
+    "MinNorm",
     "NonFiniteError",
     "SyncStats",
+    "UPGrad",
     "__version__",
+    "aggregators",
     "cagrad_weights",
     "contiguous_groups",
     "dual_proj_weights",
@@ -44,5 +61,6 @@ __all__ = [
     "losses",
     "min_norm_weights",
     "random_groups",
+    "register_aggregator",
     "upgrad_weights",
 ]

@@ -22,6 +22,7 @@ from torchgrain._inputs import (
     local,
 )
 from torchgrain._stats import GrainStats, compute_stats, skipped_stats
+from torchgrain.aggregators import AggregatorLike, aggregate, aggregator_name, check_aggregator
 from torchgrain.engines import (
     DEFAULT_MEMORY_BUDGET,
     ENGINE_NAMES,
@@ -33,13 +34,7 @@ from torchgrain.engines import (
 from torchgrain.engines.rules._base import GroupGrad, add_gram, cat, weighted_sum
 from torchgrain.exchange import Exchange, RankExchange, ShardedExchange
 from torchgrain.exchange._sharded import check_sharded, is_sharded, unsharded
-from torchgrain.solvers import (
-    AggregatorLike,
-    Solution,
-    aggregate,
-    aggregator_name,
-    check_aggregator,
-)
+from torchgrain.solvers import Solution
 
 Grouping = Literal["contiguous", "random", "key"]
 NonFinite = Literal["raise", "skip"]
@@ -115,13 +110,14 @@ class GRAIN:
             as in ``torch.autograd.grad``; if True its ``.grad`` is left as it is.
         aggregator: how the group gradients are combined: ``"min_norm"`` (default, the paper's
             GRAIN), ``"mean"`` (the sample mean with every diagnostic: the baseline at GRAIN's
-            cost), ``"dual_proj"``, ``"upgrad"``, ``"cagrad"`` (c = 0.5), or a callable
-            ``(gram, pref) -> weights`` called with the non-empty groups' ``(m', m')`` float64
-            Gram and their ``(m',)`` float64 preferred weights (sizes / B) on the CPU, returning
-            ``(m',)`` finite non-negative weights; e.g. ``lambda G, p: cagrad_weights(G, 0.3,
-            p)``. Under ``process_group`` every rank calls it on the same bits: it must be
-            deterministic. Inside :meth:`accumulate` it also runs on each micro-batch's own
-            groups, for that ``backward``'s diagnostics.
+            cost), ``"dual_proj"``, ``"upgrad"``, ``"cagrad"`` (c = 0.5), any name given to
+            :func:`~torchgrain.register_aggregator`, an :class:`~torchgrain.Aggregator` (e.g.
+            ``CAGrad(c=0.3)``; the names stand for these), or a callable ``(gram, pref) ->
+            weights`` called with the non-empty groups' ``(m', m')`` float64 Gram and their
+            ``(m',)`` float64 preferred weights (sizes / B) on the CPU, returning ``(m',)``
+            finite non-negative weights. Under ``process_group`` every rank calls it on the same
+            bits: it must be deterministic. Inside :meth:`accumulate` it also runs on each
+            micro-batch's own groups, for that ``backward``'s diagnostics.
         process_group: a ``torch.distributed`` process group (e.g. ``dist.group.WORLD``) for
             data-parallel training: every rank's groups are global groups, and after
             ``backward`` every rank holds the same ``.grad`` (see

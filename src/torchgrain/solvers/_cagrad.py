@@ -49,10 +49,7 @@ def cagrad(
     """:func:`cagrad_weights` with the solver's report: ``gap`` is the larger of the cone QP's
     relative KKT residual at the final level and the ball constraint's relative violation,
     ``iterations`` the root search's steps."""
-    if isinstance(c, bool) or not isinstance(c, (int, float)) or not c >= 0 or c == float("inf"):
-        raise ValueError(
-            f"c must be a finite float >= 0 (the ball's radius over ||g0||), got {c!r}"
-        )
+    check_radius(c)
     G, p, batch_shape = prepare(gram, pref, check=check)
     masked = gram.device.type != "cpu" if masked is None else masked
     N, m = p.shape
@@ -127,6 +124,14 @@ def cagrad(
         iterations=steps.reshape(batch_shape),
         converged=((done & inner_ok) | zero).reshape(batch_shape),
     )
+
+
+def check_radius(c: object) -> None:
+    """Raise unless ``c`` is a finite float >= 0 (a bool is no radius)."""
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not c >= 0 or c == float("inf"):
+        raise ValueError(
+            f"c must be a finite float >= 0 (the ball's radius over ||g0||), got {c!r}"
+        )
 
 
 def _piece_root(G: Tensor, Gp: Tensor, r2: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
