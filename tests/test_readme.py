@@ -33,10 +33,12 @@ def test_usage_example_runs(capsys) -> None:  # type: ignore[no-untyped-def]
     assert 0.0 <= ratio <= 1.0 + 1e-6
 
 
-def test_accumulation_example_runs(capsys) -> None:  # type: ignore[no-untyped-def]
-    (example,) = _code_blocks("What it computes", "python")
-    exec(compile(example, "README.md:accumulation", "exec"), {})
+def test_accumulation_and_local_sgd_examples_run(capsys) -> None:  # type: ignore[no-untyped-def]
+    accumulation, local_sgd = _code_blocks("What it computes", "python")
+    exec(compile(accumulation, "README.md:accumulation", "exec"), {})
     assert capsys.readouterr().out.strip().splitlines()[-1] == "8"
+    exec(compile(local_sgd, "README.md:local_sgd", "exec"), {})
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "4"
 
 
 def test_readme_torchrun_command_is_the_tested_one() -> None:
