@@ -1,5 +1,6 @@
-"""The local SGD experiment (issue 28, item 5): the deal of the data, the choice of the outer lr,
-and the smoke preset end to end on 4 real Gloo ranks over faked features, resumed."""
+"""The local SGD experiment (issue 28, item 5): the committed results, the deal of the data, the
+choice of the outer lr, and the smoke preset end to end on 4 real Gloo ranks over faked features,
+resumed."""
 
 from __future__ import annotations
 
@@ -12,12 +13,25 @@ import torch
 from tests.experiments.test_study import fake_features
 from torchgrain.experiments.study import features, heads
 from torchgrain.experiments.study import local_sgd as ex
+from torchgrain.experiments.study import local_sgd_report as report
 from torchgrain.experiments.study.runner import run_key
+
+COMMITTED = Path(__file__).resolve().parents[2] / "docs" / "results" / "local_sgd"
+
+
+def test_committed_results_are_their_runs_analysed_and_tabled() -> None:
+    results = json.loads((COMMITTED / "results.json").read_text())
+    runs = ex.load_runs(COMMITTED)
+    again = report.analyse(ex.PRESETS["default"], "default", runs, 4, results["shards"])
+    assert json.loads(json.dumps(again)) == results and results["complete"]
+    table = report.markdown(results)
+    assert (COMMITTED / "summary.md").read_text() == table
+    assert table in (COMMITTED / "README.md").read_text()
 
 
 def test_deal_gives_each_rank_mostly_its_own_keys() -> None:
     keys = torch.arange(5).repeat(400)  # 5 topics, 400 each
-    shards = ex.deal(keys, 5, world=4)
+    shards = ex.deal(keys, world=4)
     assert sorted(torch.cat(shards).tolist()) == list(range(len(keys)))  # a partition
     for r, shard in enumerate(shards):
         own = (keys[shard] % 4 == r).float().mean()
@@ -78,10 +92,14 @@ def test_smoke_preset_on_four_gloo_ranks_resumes(tmp_path: Path) -> None:
             lo, hi = c["std_ratio_ci"]
             if c["std_ratio"] is not None:  # None when the mean's std is 0 (fake topics: 100%)
                 assert lo <= c["std_ratio"] <= hi
+            same = c["same_lr"]  # the mean rerun at this method's lr
+            assert same["lr"] == c["lr"] and same["paired_seeds"] == preset.seeds
+            assert 0 < same["p_mean"] <= same["p_mean_holm"] <= 1
     lines = (out / ex.RUNS).read_text().splitlines()
     records = [json.loads(line) for line in lines]
     assert len({r["key"] for r in records}) == len(records)
     assert {r["selection"] for r in records} == {True, False}
+    assert ex.next_job(preset, ex.load_runs(out)) is None
 
     again = ex.run("smoke", out, cache, world=4)  # nothing left to run: no ranks spawned
     assert (out / ex.RUNS).read_text().splitlines() == lines

@@ -13,9 +13,9 @@ group, each with a fresh head, inner optimizer, outer optimizer and :class:`~tor
   the uniform splits: the score is the global model's.
 - Inner: AdamW (lr 3e-3, weight decay 0.01, its state kept across syncs), batch ``batch``,
   ``steps`` inner steps per worker for every H. Outer: SGD with Nesterov momentum 0.9 (DiLoCo's)
-  on the aggregator's combination of the deltas, every H inner steps. ``steps`` is a multiple of
-  every H, so the last inner step syncs and the ranks agree (a final ``sync()`` runs only when it
-  does not: a sync of zero deltas would still take a momentum step).
+  on the aggregator's combination of the deltas, every H inner steps. In both presets ``steps`` is
+  a multiple of every H, so the last inner step syncs and the ranks agree (a final ``sync()`` runs
+  only when it does not: a sync of zero deltas would still take a momentum step).
 - The outer learning rate is chosen per (task, H, method) as the study chooses its rates: the
   best mean validation metric over the selection seeds (a diverged run is the worst; ties go to
   the smaller rate). The grid is the middle of :data:`LADDER`; when the best rate is at an edge
@@ -23,9 +23,10 @@ group, each with a fresh head, inner optimizer, outer optimizer and :class:`~tor
 - The reported seeds run at the chosen rate. A seed draws the head's initialisation and every
   rank's batch order, the same for every method: comparisons pair by seed.
 
-Recorded per run (``runs.jsonl``, appended as each run ends, so a restart resumes): the val and
-test metric of rank 0 after the last sync, the share of syncs whose mean delta conflicts with
-some rank's delta (``SyncStats.mean_conflict``) and the mean ``||d|| / ||mean delta||``.
+Then the mean is rerun at every aggregator's chosen lr on the reported seeds, to compare the two
+at the same lr too. Recorded per run (``runs.jsonl``, appended as each run ends, so a restart
+resumes): rank 0's val and test metric after the last sync, the share of syncs whose mean delta
+conflicts with some rank's (``SyncStats.mean_conflict``), the mean ``||d|| / ||mean delta||``.
 
     python -m torchgrain.experiments.study.local_sgd --preset default --out docs/results/local_sgd
 """
@@ -53,7 +54,7 @@ from torchgrain import LocalSGD, NonFiniteError
 from torchgrain.experiments.stats import finite_or_none
 from torchgrain.experiments.study.design import SELECTION_SEED0
 from torchgrain.experiments.study.features import load_features
-from torchgrain.experiments.study.heads import KEYS, Data, evaluate, make_data, new_head
+from torchgrain.experiments.study.heads import Data, evaluate, make_data, new_head
 from torchgrain.experiments.study.heads import per_sample_losses as losses_of
 from torchgrain.experiments.study.runner import JsonlAppender, choose_lr, read_jsonl, run_key
 
@@ -134,7 +135,26 @@ def pending(preset: Preset, cell: str, runs: dict[str, dict[str, Any]]) -> tuple
     )
 
 
-def deal(keys: Tensor, num_keys: int, world: int) -> list[Tensor]:
+def next_job(
+    preset: Preset, runs: dict[str, dict[str, Any]]
+) -> tuple[str, int, str, float, int] | None:
+    """The next (task, H, method, outer lr, seed) to run, or None when all are done: each cell's
+    selection and reported runs, cell by cell; then the mean at every aggregator's chosen lr on
+    the reported seeds (the comparison at the same lr)."""
+    for task, h, method in cells(preset):
+        job = pending(preset, cell_key(preset, task, h, method), runs)
+        if job is not None:
+            return task, h, method, *job
+    for task, h, method in cells(preset):
+        lr = select(preset, cell_key(preset, task, h, method), runs)[1]
+        assert lr is not None  # every cell's selection is done
+        for seed in range(preset.seeds):
+            if run_key(cell_key(preset, task, h, "mean"), lr, seed) not in runs:
+                return task, h, "mean", lr, seed
+    return None
+
+
+def deal(keys: Tensor, world: int) -> list[Tensor]:
     """The training indices of each rank: key ``k``'s examples go to rank ``k mod world`` with
     probability :data:`HOME_SHARE`, else to a uniformly drawn rank."""
     g = torch.Generator().manual_seed(DEAL_SEED)
@@ -142,16 +162,6 @@ def deal(keys: Tensor, num_keys: int, world: int) -> list[Tensor]:
     anywhere = torch.randint(0, world, (len(keys),), generator=g)
     rank_of = torch.where(stay, keys % world, anywhere)  # (N,)
     return [torch.nonzero(rank_of == r).flatten() for r in range(world)]
-
-
-def composition(data: Data, world: int) -> list[dict[str, Any]]:
-    """Each rank's shard: its size, its own keys and their share of it."""
-    out = []
-    for r, shard in enumerate(deal(data.keys_train, KEYS[data.task], world)):
-        own = [k for k in range(KEYS[data.task]) if k % world == r]
-        share = float((data.keys_train[shard] % world == r).float().mean())
-        out.append({"rank": r, "examples": len(shard), "own_keys": own, "own_share": share})
-    return out
 
 
 def one_run(
@@ -207,26 +217,25 @@ def _worker(rank: int, world: int, port: int, name: str, out: Path, cache: Path,
     try:
         preset, features = PRESETS[name], load_features(cache)
         data = {t: make_data(t, features, preset.train, preset.val, 0.0) for t in preset.tasks}
-        shards = {t: deal(d.keys_train, KEYS[t], world)[rank] for t, d in data.items()}
+        shards = {t: deal(d.keys_train, world)[rank] for t, d in data.items()}
         runs = load_runs(out)
         dist.barrier()  # every rank has read the runs before rank 0 appends to them
         new = 0
         with JsonlAppender(out / RUNS) as sink:
-            for task, h, method in cells(preset):
+            while new < cap and (job := next_job(preset, runs)) is not None:
+                task, h, method, lr, seed = job
+                record = one_run(preset, data[task], shards[task], h, method, lr, seed)
+                box = [record]
+                dist.broadcast_object_list(box, src=0)  # rank 0's metrics, on every rank
                 cell = cell_key(preset, task, h, method)
-                while new < cap and (job := pending(preset, cell, runs)) is not None:
-                    lr, seed = job
-                    record = one_run(preset, data[task], shards[task], h, method, lr, seed)
-                    box = [record]
-                    dist.broadcast_object_list(box, src=0)  # rank 0's metrics, on every rank
-                    record = {"key": run_key(cell, lr, seed), "cell": cell, "task": task,
-                              "H": h, "method": method, "lr": lr, "seed": seed,
-                              "selection": seed >= SELECTION_SEED0,
-                              **{k: finite_or_none(v) for k, v in box[0].items()}}  # fmt: skip
-                    runs[record["key"]], new = record, new + 1
-                    if rank == 0:
-                        sink.write(record)
-                        _progress(new, record)
+                record = {"key": run_key(cell, lr, seed), "cell": cell, "task": task, "H": h,
+                          "method": method, "lr": lr, "seed": seed,
+                          "selection": seed >= SELECTION_SEED0,
+                          **{k: finite_or_none(v) for k, v in box[0].items()}}  # fmt: skip
+                runs[record["key"]], new = record, new + 1
+                if rank == 0:
+                    sink.write(record)
+                    _progress(new, record)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -246,20 +255,21 @@ def run(
 
     preset = PRESETS[name]
     out.mkdir(parents=True, exist_ok=True)
-    data = {
-        t: make_data(t, load_features(features), preset.train, preset.val, 0.0)
-        for t in preset.tasks
-    }  # fmt: skip  (computes the cache when it is missing)
-    runs = load_runs(out)
-    if any(pending(preset, cell_key(preset, *c), runs) is not None for c in cells(preset)):
+    cache = load_features(features)  # computed there when missing, before the ranks read it
+    shards = {t: report.composition(make_data(t, cache, preset.train, preset.val, 0.0), world)
+              for t in preset.tasks}  # fmt: skip
+    smallest = min(r["examples"] for ranks in shards.values() for r in ranks)
+    if smallest < preset.batch:
+        raise ValueError(f"a rank's shard has {smallest} examples, fewer than the batch "
+                         f"{preset.batch}; use fewer ranks than {world}")  # fmt: skip
+    if next_job(preset, load_runs(out)) is not None:
         with socket.socket() as s:  # a free port for the ranks' rendezvous
             s.bind(("127.0.0.1", 0))
             port = int(s.getsockname()[1])
         cap = sys.maxsize if max_runs is None else max_runs
         mp.start_processes(_worker, args=(world, port, name, out, features, cap), nprocs=world,
                            join=True, start_method="spawn")  # fmt: skip
-    results = report.analyse(preset, name, load_runs(out), world,
-                             {t: composition(d, world) for t, d in data.items()})  # fmt: skip
+    results = report.analyse(preset, name, load_runs(out), world, shards)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "summary.md").write_text(report.markdown(results))
     return results
