@@ -14,9 +14,9 @@ from torch import Tensor, nn
 from torchgrain._errors import NonFiniteError, shorten
 from torchgrain._inputs import ParamsLike, collect_params
 from torchgrain._stats import GrainStats, compute_stats
+from torchgrain.aggregators import AggregatorLike, aggregate, aggregator_name, check_aggregator
 from torchgrain.exchange._sharded import is_sharded
 from torchgrain.exchange._workers import CHANGED, FINGERPRINT, SYNCS, WorkerExchange
-from torchgrain.solvers import AggregatorLike, aggregate, aggregator_name, check_aggregator
 
 
 @dataclass(frozen=True)
@@ -84,10 +84,11 @@ class LocalSGD:
             takes the parameters of the group's rank 0 (as DDP does), which become the first
             anchor: build LocalSGD before loading a checkpoint into the model.
         sync_every: H, the inner steps between syncs (an int >= 1).
-        aggregator: how the workers' deltas are combined: ``"mean"`` (default), ``"min_norm"``,
-            ``"dual_proj"``, ``"upgrad"``, ``"cagrad"``, or a callable ``(gram, pref) ->
-            weights``, exactly as :class:`~torchgrain.GRAIN` takes it, called with the ``(W, W)``
-            float64 Gram and ``pref = 1/W`` on the CPU; every rank calls it on the same bits.
+        aggregator: how the workers' deltas are combined, exactly as :class:`~torchgrain.GRAIN`
+            takes it: ``"mean"`` (default), ``"min_norm"``, ``"dual_proj"``, ``"upgrad"``,
+            ``"cagrad"`` or another registered name, an :class:`~torchgrain.Aggregator` (e.g.
+            ``CAGrad(c=0.3)``), or a callable ``(gram, pref) -> weights``; it gets the
+            ``(W, W)`` float64 Gram and ``pref = 1/W`` on the CPU, the same bits on every rank.
         outer_optimizer: a ``torch.optim.Optimizer`` over exactly the model's trainable
             parameters, stepped once per sync on ``.grad = d`` (default: ``SGD(lr=1.0)``). The
             parameters' ``.grad`` from the inner steps is put back after it.
