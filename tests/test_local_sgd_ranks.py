@@ -62,6 +62,7 @@ AGGREGATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "upgrad": lambda G, p: torchgrain.upgrad_weights(G, p),
     "cagrad": lambda G, p: torchgrain.cagrad_weights(G, 0.5, p),
     "custom": _custom,
+    "CAGrad(c=0.3)": lambda G, p: torchgrain.cagrad_weights(G, 0.3, p),
 }
 
 
@@ -73,7 +74,7 @@ def _exact_worker(rank: int, world: int) -> dict[str, object]:
     for name, weights_of in AGGREGATORS.items():
         model = _model(seed=rank)
         inner = torch.optim.SGD(model.parameters(), lr=0.2)
-        aggregator = _custom if name == "custom" else name
+        aggregator = {"custom": _custom, "CAGrad(c=0.3)": torchgrain.CAGrad(c=0.3)}.get(name, name)
         local = torchgrain.LocalSGD(model, 3, aggregator=aggregator, outer_optimizer=_outer(model))
         reference = [p.detach().clone() for p in model.parameters()]
         ref_outer = _outer(reference)
