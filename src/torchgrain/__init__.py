@@ -16,7 +16,7 @@ your own :class:`Aggregator` or any callable ``(gram, pref) -> weights``.
 steps by the same aggregators (DiLoCo-style outer steps).
 """
 
-from torchgrain import aggregators, losses
+from torchgrain import aggregators, integrations, losses
 from torchgrain._errors import NonFiniteError
 from torchgrain._grain import GRAIN
 from torchgrain._local_sgd import LocalSGD, SyncStats
@@ -30,6 +30,7 @@ from torchgrain.aggregators import (
     UPGrad,
     register_aggregator,
 )
+from torchgrain.engines.rules import Rule, register_rule
 from torchgrain.grouping import contiguous_groups, key_groups, random_groups
 from torchgrain.solvers import (
     cagrad_weights,
@@ -50,6 +51,7 @@ __all__ = [
     "Mean",
     "MinNorm",
     "NonFiniteError",
+    "Rule",
     "SyncStats",
     "UPGrad",
     "__version__",
@@ -57,10 +59,12 @@ __all__ = [
     "cagrad_weights",
     "contiguous_groups",
     "dual_proj_weights",
+    "integrations",
     "key_groups",
     "losses",
     "min_norm_weights",
     "random_groups",
     "register_aggregator",
+    "register_rule",
     "upgrad_weights",
 ]
