@@ -7,8 +7,8 @@
 # torchgrain package of the base; on the device tool, carry it:
 #   mkdir -p .ab/base && git archive REV src | tar -x -C .ab/base   # .ab/ in .git/info/exclude
 #   bash benchmarks/gpu_ab.sh .ab/base/src                          # carry: [".ab"]
-# Logs go to $OUT (the device tool's folder) or benchmarks/gpu/ab (7 files, *_new and *_base).
-# Without CUDA it says so and exits 0. Log of its first form: benchmarks/gpu/stacked_ab/.
+# Logs go to $OUT (the device tool's folder) or docs/results/benchmarks/gpu/ab (7 files, *_new and *_base).
+# Without CUDA it says so and exits 0. Log of its first form: docs/results/benchmarks/gpu/stacked_ab/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SCRIPT=gpu_ab TASK=compare
@@ -20,7 +20,7 @@ fi
 BASE=$(cd "$BASE" && pwd)
 # shellcheck source=benchmarks/gpu_env.sh
 . benchmarks/gpu_env.sh
-if [ -z "${OUT:-}" ]; then DEST=benchmarks/gpu/ab && mkdir -p "$DEST"; fi
+if [ -z "${OUT:-}" ]; then DEST=docs/results/benchmarks/gpu/ab && mkdir -p "$DEST"; fi
 NEW="$PWD/src:$PWD" OLD="$BASE:$PWD"
 status=0
 "$PY" -c 'import torch; print(torch.cuda.get_device_name(0), torch.__version__)' | tee "$DEST/device.txt"

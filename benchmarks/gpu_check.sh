@@ -6,7 +6,7 @@
 #      (replicated, FSDP2 in both memory modes), one rank per GPU, the world size in the test id;
 #   2. the step benchmark on CUDA (plain, keep, book-keeping; TorchJD when installed, at the
 #      MiniLM size) at the MiniLM size and at SmolLM2-135M's size, with LoRA too.
-# Logs and tables go to $OUT (the device tool's folder) or benchmarks/gpu. Without CUDA it says
+# Logs and tables go to $OUT (the device tool's folder) or docs/results/benchmarks/gpu. Without CUDA it says
 # so and exits 0. Usage: bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."

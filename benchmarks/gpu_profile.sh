@@ -4,7 +4,7 @@
 # MiniLM size and at SmolLM2-135M's size, then
 # benchmarks/step_profile.py on the device at both sizes: kernel time by kind, device busy time,
 # kernel launches and host syncs per step. Run after benchmarks/gpu_check.sh, on the same lease
-# when it has time left. Logs go to $OUT (the device tool's folder) or benchmarks/gpu.
+# when it has time left. Logs go to $OUT (the device tool's folder) or docs/results/benchmarks/gpu.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SCRIPT=gpu_profile TASK=profile

@@ -243,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--autocast", action="store_true", help="the forward under bfloat16 autocast"
     )
-    parser.add_argument("--csv", default="benchmarks/step.csv", help="where to write the table")
+    parser.add_argument(
+        "--csv", default="docs/results/benchmarks/step.csv", help="where to write the table"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--m", type=int, default=1, help=argparse.SUPPRESS)

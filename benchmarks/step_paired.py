@@ -24,7 +24,8 @@ autograd's own nodes, from a hook per layer.
 the kernels then cost next to nothing and the step is the host's time alone (Python, dispatch),
 the cost that bounds a GRAIN step on a GPU (``benchmarks/gpu_profile.sh``). On the CPU a
 narrow SmolLM2 (B = 8, T = 8) took 70 ms plain and 1.78x that with GRAIN keeping its group
-gradients (``benchmarks/step_paired_narrow.txt``); on the H100 the full-size step was 2.4x.
+gradients (``docs/results/benchmarks/step_paired_narrow.txt``); on the H100 the full-size step
+was 2.4x.
 """
 
 from __future__ import annotations

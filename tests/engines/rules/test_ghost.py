@@ -122,7 +122,7 @@ def test_fused_engine_with_ghost_grams_equals_the_loop_engine() -> None:
 def test_the_cost_model_picks_the_path_timed_fastest(
     m: int, shape: tuple[int, int], tokens: int, expected: str
 ) -> None:
-    """The paths timed alone on the 2-core CPU (``benchmarks/step_paths.txt``)."""
+    """The paths timed alone on the 2-core CPU (``docs/results/benchmarks/step_paths.txt``)."""
     costs = path_costs(tokens, *shape, m=m)
     assert min(costs, key=costs.__getitem__) == expected
 
