@@ -93,8 +93,9 @@ class WorkerExchange:
                 torch.sub(anchor[seg.param].reshape(-1), params[seg.param].reshape(-1), out=columns)
             send[bucket.numel :].zero_()  # the last shard's padding
             recv = torch.empty_like(send)
-            x = self._ranks
-            work = x._collective(_SHARDS, dist.all_to_all_single, recv, send, async_op=True)
+            work = self._ranks._collective(
+                _SHARDS, dist.all_to_all_single, recv, send, async_op=True
+            )
             in_flight.append((work, send, recv))
         partial = torch.zeros(W, W, dtype=torch.float64, device=self.device)
         self._shards, self._sends = [], []
@@ -104,10 +105,9 @@ class WorkerExchange:
             add_gram(partial, shard)
             self._shards.append(shard)
             self._sends.append(send)  # free now: the combine's scratch
+        # Sent by this rank: its shards of the deltas, then its shard of the combination.
         shard_columns = sum(bucket.shard for bucket in self._buckets)
-        self._ranks.bytes_sent = (
-            2 * shard_columns * (W - 1) * size
-        )  # the shards, then the combination
+        self._ranks.bytes_sent = 2 * shard_columns * (W - 1) * size
         return self._ranks._sum_grams(partial)
 
     def combine(self, weights: Tensor) -> list[Tensor]:
