@@ -1,4 +1,5 @@
-"""The README's reproduction section is made from the committed results, and its command runs."""
+"""The README's first command runs the reproduction, and the documentation's results pages
+(docs/results.md, docs/findings.md) are made from the committed results."""
 
 from __future__ import annotations
 
@@ -12,11 +13,10 @@ from torchgrain.experiments.sweep import load_results
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
-RESULTS = ROOT / "docs" / "results" / "default"
-
-
-def _section(title: str) -> str:
-    return README.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+DOCS = ROOT / "docs"
+RESULTS = DOCS / "results" / "default"
+REPRODUCTION = (DOCS / "results.md").read_text()  # `torchgrain reproduce`: the main job's page
+FINDINGS = (DOCS / "findings.md").read_text()  # `torchgrain study`: where GRAIN helps
 
 
 def test_first_command_installs_and_runs_the_reproduction() -> None:
@@ -30,36 +30,34 @@ def test_first_command_installs_and_runs_the_reproduction() -> None:
     assert "\nexperiments = [\n" in pyproject
 
 
-def test_readme_table_is_the_committed_results() -> None:
+def test_results_page_table_is_the_committed_results() -> None:
     runs = load_results(RESULTS)["runs"]
     assert {r["config"]["preset"] for r in runs} == {"default"}
     table = report.markdown(report.summarize(runs))
-    assert table in _section("Reproduction: does GRAIN make fine-tuning better and steadier?")
+    assert table in REPRODUCTION
 
 
 @pytest.mark.parametrize("task", ["classification", "regression", "generation"])
-def test_readme_plots_exist(task: str) -> None:
-    section = _section("Reproduction: does GRAIN make fine-tuning better and steadier?")
+def test_results_page_plots_exist(task: str) -> None:
     for kind in ("curves", "spread"):
-        path = f"docs/results/default/{task}_{kind}.png"
-        assert path in section
-        assert (ROOT / path).read_bytes()[:4] == b"\x89PNG"
+        path = f"results/default/{task}_{kind}.png"  # relative to docs/, where the page is
+        assert f"]({path})" in REPRODUCTION
+        assert (DOCS / path).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_readme_stability_table_is_the_committed_results() -> None:
+def test_results_page_stability_table_is_the_committed_results() -> None:
     import json
 
     from torchgrain.experiments.stability import stability_table
 
     records = json.loads((ROOT / "docs/results/stability/stability.json").read_text())["records"]
-    section = _section("Reproduction: does GRAIN make fine-tuning better and steadier?")
-    assert stability_table(records) in section
+    assert stability_table(records) in REPRODUCTION
 
 
 STUDY = ROOT / "docs" / "results" / "study" / "default"
 
 
-def test_readme_study_tables_are_the_committed_study() -> None:
+def test_findings_page_study_tables_are_the_committed_study() -> None:
     import json
 
     from torchgrain.experiments.study.report import (
@@ -70,12 +68,12 @@ def test_readme_study_tables_are_the_committed_study() -> None:
 
     study = json.loads((STUDY / "study.json").read_text())
     assert study["preset"] == "default" and study["complete"]
-    section = _section("Where GRAIN helps: the study")
+    section = FINDINGS
     assert compact_table(study) in section
     assert stability_table(study) in section
     finalists = json.loads((STUDY / "finalists.json").read_text())
     assert finalists["preset"] == "default" and finalists["complete"]
     assert finalists_table(finalists) in section
     for png in ("study_mean.png", "study_spread.png", "study_stability.png"):
-        assert f"docs/results/study/default/{png}" in section
+        assert f"](results/study/default/{png})" in section
         assert (STUDY / png).read_bytes()[:4] == b"\x89PNG"

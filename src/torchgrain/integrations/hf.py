@@ -93,8 +93,11 @@ class GrainTrainer(Trainer):
         grain_aggregator: how the group gradients are combined (``GRAIN``'s ``aggregator``):
             ``"min_norm"`` (default), ``"mean"``, ``"dual_proj"``, ``"upgrad"``, ``"cagrad"`` or a
             callable ``(gram, pref) -> weights``.
-        grain_seed, grain_engine, grain_memory_budget, grain_nonfinite, grain_allow_unused:
-            ``GRAIN``'s ``seed``, ``engine``, ``memory_budget``, ``nonfinite``, ``allow_unused``.
+        grain_seed: ``GRAIN``'s ``seed``.
+        grain_engine: ``GRAIN``'s ``engine``.
+        grain_memory_budget: ``GRAIN``'s ``memory_budget``.
+        grain_nonfinite: ``GRAIN``'s ``nonfinite``.
+        grain_allow_unused: ``GRAIN``'s ``allow_unused``.
 
     The per-sample losses of the standard heads are built in (sequence classification:
     single-label, regression, multi-label by ``config.problem_type``; token classification; causal

@@ -85,7 +85,8 @@ def grain_step(
         grain: the :class:`~torchgrain.GRAIN` built on the module's trained model.
         losses: ``(B,)`` per-sample losses of the batch.
         optimizer: the optimizer to step (default: ``module.optimizers()``, which must be one).
-        groups, keys: passed to :meth:`GRAIN.backward`.
+        groups: passed to :meth:`GRAIN.backward`.
+        keys: passed to :meth:`GRAIN.backward`.
         scheduler: an LR scheduler to step after each performed optimizer step (e.g.
             ``module.lr_schedulers()``), or ``None`` to step it yourself.
         gradient_clip_val: clip ``.grad`` (GRAIN's ``d``) to this total norm before stepping.
