@@ -77,3 +77,22 @@ def test_integration_examples_run(capsys, monkeypatch, tmp_path) -> None:  # typ
     assert {"grain/d_over_mean", "grain/active_groups"} <= set(header)
     exec(compile(helpers, "docs/guides/plain_loop.md", "exec"), {})
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("torch.Size([4])")
+
+
+def test_readme_links_reach_files_and_anchors() -> None:
+    """Every relative link of the README (into docs/, mostly) names a file that exists, and an
+    anchor names one of its headings (the site's slugs: lower case, punctuation dropped)."""
+    links = re.findall(r"\]\(([^)\s]+)\)", README)
+    assert links
+    for link in links:
+        if "://" in link:
+            continue
+        path, _, anchor = link.partition("#")
+        target = ROOT / path
+        assert target.is_file(), link
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", target.read_text(), flags=re.M)
+            slugs = {
+                re.sub(r"[\s]+", "-", re.sub(r"[^\w\s-]", "", h).strip().lower()) for h in headings
+            }
+            assert anchor in slugs, link
