@@ -1,6 +1,7 @@
-"""A griffe extension for the API reference: the docstrings are Google style with a few Sphinx
-constructs (``:class:`X```, ``:math:`x```, ``.. math::`` blocks, ``::`` literal blocks) and doctests, which it
-rewrites to the Markdown that mkdocstrings renders (code, and MathJax through arithmatex)."""
+"""A griffe extension for the API reference (mkdocs.yml names it). The docstrings are Google style
+with a few Sphinx constructs (``:class:`X```, ``:math:`x```, ``.. math::`` blocks, ``::`` literal
+blocks) and doctests; it rewrites them, once per object, to the Markdown that mkdocstrings renders
+(code spans, MathJax through arithmatex, and ``pycon`` code blocks). The source is not changed."""
 
 from __future__ import annotations
 

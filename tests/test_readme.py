@@ -88,7 +88,7 @@ def test_readme_links_reach_files_and_anchors() -> None:
         if "://" in link:
             continue
         path, _, anchor = link.partition("#")
-        target = ROOT / path
+        target = ROOT / (path or "README.md")
         assert target.is_file(), link
         if anchor:
             headings = re.findall(r"^#+ (.+)$", target.read_text(), flags=re.M)
