@@ -182,9 +182,10 @@ class LocalSGD:
         if self._exchange is None:
             if changed:
                 self._raise_changed()
+            deltas = [a - p for a, p in zip(self.anchor, self.params, strict=True)]
             gram = torch.zeros(1, 1, dtype=torch.float64, device=self.params[0].device)
-            for a, p in zip(self.anchor, self.params, strict=True):
-                gram += (a - p).double().pow(2).sum()
+            for delta in deltas:
+                gram += delta.double().pow(2).sum()
         else:
             rows = self._exchange.agree(changed, self._fingerprint(), self.syncs)
             if changed:
@@ -202,7 +203,7 @@ class LocalSGD:
         solve_seconds = time.perf_counter() - solved
         if self._exchange is None:
             w = float(solution.weights[0])
-            combined = [w * (a - p) for a, p in zip(self.anchor, self.params, strict=True)]
+            combined = [w * delta for delta in deltas]
         else:
             combined = self._exchange.combine(solution.weights)
         self._outer_step(combined)
